@@ -1,0 +1,40 @@
+"""adapterkit: parameter-efficient adapters for any PyTorch model."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import (  # noqa: E402
+    adapter_batch,
+    add_adapter,
+    delete_adapter,
+    get_adapter_config,
+    list_adapters,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .errors import AdapterError  # noqa: E402
+from .methods import LoRAConfig  # noqa: E402
+from .registry import list_methods, make_config  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AdapterError",
+    "LoRAConfig",
+    "adapter_batch",
+    "add_adapter",
+    "delete_adapter",
+    "get_adapter_config",
+    "list_adapters",
+    "list_methods",
+    "load_adapter",
+    "make_config",
+    "merge",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

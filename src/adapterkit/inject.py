@@ -1,0 +1,124 @@
+"""Finding target modules. Pure functions over ``model.named_modules()``."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+from .errors import ConfigError, TargetNotFoundError, UnsupportedModuleError, closest
+
+#: the child holding adapter pieces; modules inside it are never targets
+CONTAINER = "adapterkit"
+
+
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module of the base model (adapter pieces excluded), root first."""
+    out = []
+    for name, mod in model.named_modules():
+        if name == CONTAINER or name.startswith(CONTAINER + ".") or f".{CONTAINER}." in f".{name}.":
+            continue
+        out.append((name, mod))
+    return out
+
+
+def _match_suffix(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: Sequence[str] | str | None,
+    *,
+    accept: Callable[[str, nn.Module], bool],
+    defaults: Sequence[Sequence[str] | str] = (),
+    fallback: Callable[[nn.Module], list[str]] | None = None,
+    what: str = "adapter",
+) -> list[str]:
+    """Module paths the adapter attaches to, in model order.
+
+    ``targets``: suffixes (each must match at least one module), a regex (full match on
+    the module path; must match at least one), or ``None``: the first entry of
+    ``defaults`` that matches the model, else ``fallback(model)``.
+    Every matched module must be ``accept``-ed, else UnsupportedModuleError names it.
+    """
+    mods = base_modules(model)
+    names = [n for n, _ in mods if n]
+    by_name = dict(mods)
+
+    def check(picked: list[str]) -> list[str]:
+        for n in picked:
+            if not accept(n, by_name[n]):
+                raise UnsupportedModuleError(
+                    f"{what} cannot attach to module {n!r} of type {type(by_name[n]).__name__}"
+                )
+        return picked
+
+    if targets is None:
+        for cand in defaults:
+            picked = _select(names, cand)
+            if picked and (isinstance(cand, str) or all(any(_match_suffix(n, t) for n in picked) for t in cand)):
+                picked = [n for n in picked if accept(n, by_name[n])]
+                if picked:
+                    return picked
+        if fallback is not None:
+            picked = fallback(model)
+            if picked:
+                return check(picked)
+        raise TargetNotFoundError(
+            f"no default target modules for {what} on {type(model).__name__}; pass targets=[...] "
+            f"(some module names: {', '.join(_leaf_names(names)[:12])})"
+        )
+
+    if isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as e:
+            raise ConfigError(f"targets regex {targets!r} is invalid: {e}") from None
+        picked = [n for n in names if rx.fullmatch(n)]
+        if not picked:
+            raise TargetNotFoundError(
+                f"targets regex {targets!r} matches no module of {type(model).__name__}. "
+                f"Closest module names: {', '.join(closest(targets, names))}"
+            )
+        return check(picked)
+
+    for t in targets:
+        if not any(_match_suffix(n, t) for n in names):
+            hint = closest(t, _leaf_names(names) + names)
+            raise TargetNotFoundError(
+                f"target {t!r} matches no module of {type(model).__name__}. "
+                f"Closest module names: {', '.join(repr(h) for h in hint)}"
+            )
+    return check(_select(names, targets))
+
+
+def _select(names: Iterable[str], cand: Sequence[str] | str) -> list[str]:
+    if isinstance(cand, str):
+        rx = re.compile(cand)
+        return [n for n in names if rx.fullmatch(n)]
+    return [n for n in names if any(_match_suffix(n, t) for t in cand)]
+
+
+def _leaf_names(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+
+
+def linear_layers_except_head(model: nn.Module) -> list[str]:
+    """Fallback target set: every Linear-like layer except the output head."""
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            head = None
+    out = []
+    for n, m in base_modules(model):
+        if n and m is not head and is_linear_like(m) and not n.endswith(("lm_head", "classifier", "score")):
+            out.append(n)
+    return out
+
+
+def is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"

@@ -1,0 +1,5 @@
+"""Built-in adapter methods: one module per family. Importing registers them."""
+from .base import AdapterConfig, AdapterModule
+from .lora import LoRAConfig
+
+__all__ = ["AdapterConfig", "AdapterModule", "LoRAConfig"]
