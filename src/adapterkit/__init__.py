@@ -20,6 +20,18 @@ from .errors import AdapterError  # noqa: E402
 from .methods import LoRAConfig  # noqa: E402
 from .registry import list_methods, make_config  # noqa: E402
 
+_SUBPACKAGES = ("models", "train", "serve", "formats", "compose", "ops", "methods")
+
+
+def __getattr__(name: str):
+    # heavy subpackages load on first use: `ak.models.load_default()`, `ak.train.Trainer`
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'adapterkit' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "AdapterError",

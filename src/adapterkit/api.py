@@ -150,6 +150,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if _is_merged(rec):
         unmerge(model, name)
     mods = dict(model.named_modules())
+    for piece in rec.pieces.values():
+        piece.on_delete()
     for host_name in rec.pieces:
         remove_piece(state, host_name, mods[host_name], name)
     del state.adapters[name]

@@ -137,6 +137,9 @@ class AdapterModule(nn.Module):
             w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
+    def on_delete(self) -> None:
+        """Called before the piece is detached (e.g. PiSSA restores the base weight)."""
+
     # -- hooks (rows: None = every row, else the batch rows that use this adapter) -----
     def hook_pre(
         self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], rows: torch.Tensor | None
