@@ -220,3 +220,15 @@ def test_not_a_config(llama):
 
 def test_not_mergeable_error_type():
     assert issubclass(NotMergeableError, AdapterError)
+
+
+def test_merge_and_unload_leaves_a_plain_model(llama, ids):
+    keys = set(llama.state_dict())
+    _two(llama)
+    ak.set_adapter(llama, "a")
+    ref = llama(ids).logits
+    ak.merge_and_unload(llama, "a")
+    assert ak.list_adapters(llama) == ["b"]
+    ak.delete_adapter(llama, "b")
+    assert set(llama.state_dict()) == keys
+    assert (llama(ids).logits - ref).abs().max().item() <= 1e-4

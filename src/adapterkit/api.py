@@ -143,6 +143,20 @@ def unmerge(model: nn.Module, name: str) -> None:
             piece.unmerge()
 
 
+def merge_and_unload(model: nn.Module, name: str) -> None:
+    """Merge adapter ``name`` for good: its delta stays in the base weights and the
+    adapter is detached (the model is a plain model again, e.g. for ``save_pretrained``)."""
+    state = get_state(model)
+    rec = state.record(name)
+    if not _is_merged(rec):
+        merge(model, name)
+    mods = dict(model.named_modules())
+    for host_name in rec.pieces:
+        remove_piece(state, host_name, mods[host_name], name)
+    del state.adapters[name]
+    state.active = tuple(n for n in state.active if n != name)
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Detach adapter ``name`` (unmerging it first if merged)."""
     state = get_state(model)
@@ -273,6 +287,6 @@ def get_record(model: nn.Module, name: str) -> AdapterRecord:
 
 __all__ = [
     "add_adapter", "set_adapter", "adapter_batch", "merge", "unmerge", "delete_adapter", "list_adapters",
-    "get_adapter_config", "trainable_parameters", "save_adapter", "load_adapter", "adapter_state_dict",
+    "get_adapter_config", "trainable_parameters", "merge_and_unload", "save_adapter", "load_adapter", "adapter_state_dict",
     "adapter_parameters", "active_adapters", "get_record", "AdapterNotFoundError",
 ]
