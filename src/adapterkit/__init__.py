@@ -18,7 +18,8 @@ from .api import (  # noqa: E402
     unmerge,
 )
 from .errors import AdapterError  # noqa: E402
-from .methods import LoRAConfig  # noqa: E402
+from .compose import merge_adapters  # noqa: E402
+from .methods import DoRAConfig, LoRAConfig  # noqa: E402
 from .registry import list_methods, make_config  # noqa: E402
 
 _SUBPACKAGES = ("models", "train", "serve", "formats", "compose", "ops", "methods")
@@ -37,6 +38,8 @@ __all__ = [
     "__version__",
     "AdapterError",
     "LoRAConfig",
+    "DoRAConfig",
+    "merge_adapters",
     "adapter_batch",
     "add_adapter",
     "delete_adapter",

@@ -50,6 +50,8 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> AdapterRe
     except BaseException:
         for host_name in pieces:
             remove_piece(state, host_name, mods[host_name], name)
+        for piece in pieces.values():  # e.g. PiSSA already rewrote base weights
+            piece.on_delete()
         raise
     rec = AdapterRecord(name=name, method=spec.name, config=config, pieces=pieces)
     state.adapters[name] = rec

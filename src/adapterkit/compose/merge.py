@@ -1,0 +1,202 @@
+"""Merging algebra: several LoRA-family adapters -> one ordinary LoRA adapter.
+
+``merge_adapters(model, {"a": 0.7, "b": 0.3}, method=..., name="ab", r=8)``. Every
+method works per target module on the adapters' *effective* deltas, so LoRA adapters
+with different ranks, alphas or rsLoRA combine correctly, and DoRA adapters enter with
+their true delta ``W' - W`` (PEFT has merged these silently wrong). Methods:
+
+============== ========================================================== =========
+method         merged delta of a module                                   exact
+============== ========================================================== =========
+cat            sum_i w_i D_i, factors concatenated (rank sum r_i)          yes
+linear         (sum_i c_i B_i)(sum_i c_i A_i), c_i = sqrt(|w_i| s_i)      no [1]_
+svd            best rank-r approximation of sum_i w_i D_i                 if rank<=r
+ties           TIES (trim to density, elect sign, disjoint mean), rank r   no
+dare_linear    sum_i w_i DARE(D_i) (drop 1-density, rescale), rank r      no
+dare_ties      TIES with DARE instead of trimming, rank r                 no
+magnitude_prune sum_i w_i prune(D_i, density), rank r                      no
+============== ========================================================== =========
+
+.. [1] PEFT's "linear": factors averaged separately (needs equal ranks); exact for one
+   adapter or adapters sharing their subspaces. cat and linear refuse DoRA (its delta
+   is not a product of its factors).
+
+The result has ``alpha = r`` (scaling 1): all scales are folded into B.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..api import add_adapter, delete_adapter, get_record
+from ..errors import ConfigError
+from ..methods.dora import DoRAMixin
+from ..methods.lora import LoRAConfig, LoRAPiece
+
+METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_FACTORED = ("cat", "linear")
+
+
+def merge_adapters(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    method: str = "cat",
+    name: str = "merged",
+    r: int | None = None,
+    density: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """Attach a new LoRA adapter ``name`` that merges the weighted adapters.
+
+    ``r``: the target rank for the re-factorising methods (default: the largest input
+    rank). ``density``: the fraction of each delta kept by ties / dare / magnitude_prune.
+    ``seed``: DARE's random drop. Returns ``name``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if not weights:
+        raise ConfigError("merge_adapters needs at least one adapter")
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"density must be in (0, 1], got {density}")
+    recs = {n: get_record(model, n) for n in weights}
+    for n, rec in recs.items():
+        if rec.method not in ("lora", "dora"):
+            raise ConfigError(f"adapter {n!r} is a {rec.method} adapter; merge_adapters combines lora and dora adapters")
+        if method in _FACTORED and rec.method == "dora":
+            raise ConfigError(f"adapter {n!r} is DoRA: its delta is not B @ A, so method {method!r} would be wrong; "
+                              f"use 'svd', 'ties', 'dare_linear', 'dare_ties' or 'magnitude_prune'")
+    hosts = list(dict.fromkeys(h for rec in recs.values() for h in rec.pieces))
+    ranks = {n: rec.config.r for n, rec in recs.items()}  # type: ignore[attr-defined]
+    if method == "cat":
+        r_new = sum(ranks.values())
+    elif method == "linear":
+        if len(set(ranks.values())) > 1:
+            raise ConfigError(f"method 'linear' needs equal ranks, got {ranks}; use 'cat' (exact) or 'svd'")
+        r_new = next(iter(ranks.values()))
+    else:
+        r_new = r if r is not None else max(ranks.values())
+    if not isinstance(r_new, int) or r_new <= 0:
+        raise ConfigError(f"r must be a positive integer, got {r_new!r}")
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    gen = torch.Generator().manual_seed(seed)
+    for h in hosts:
+        pieces = {n: rec.pieces.get(h) for n, rec in recs.items()}
+        ref = next(p for p in pieces.values() if p is not None)
+        assert isinstance(ref, LoRAPiece)
+        out_f, in_f = ref.as_2d(ref.host.weight).shape
+        if method == "cat":
+            factors[h] = _cat(pieces, weights, ranks, out_f, in_f)
+        elif method == "linear":
+            factors[h] = _linear(pieces, weights, r_new, out_f, in_f)
+        else:
+            deltas = [(weights[n], _delta_2d(p)) for n, p in pieces.items() if p is not None]
+            factors[h] = svd_factors(_combine(method, deltas, density, gen), r_new)
+
+    cfg = LoRAConfig(r=r_new, alpha=float(r_new), targets="^(" + "|".join(re.escape(h) for h in hosts) + ")$")
+    rec = add_adapter(model, name, cfg)
+    try:
+        with torch.no_grad():
+            for h, piece in rec.pieces.items():
+                assert isinstance(piece, LoRAPiece)
+                b, a = factors[h]
+                piece.A.copy_(a.reshape(piece.A.shape).to(piece.A.dtype))
+                piece.B.copy_(b.reshape(piece.B.shape).to(piece.B.dtype))
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return name
+
+
+# -- per-module pieces ---------------------------------------------------------------------
+def _delta_2d(p: LoRAPiece) -> torch.Tensor:
+    """The piece's effective weight delta as an fp32 matrix (out, in)."""
+    with torch.no_grad():
+        if isinstance(p, DoRAMixin):
+            return p.as_2d(p.delta_weight()).float()
+        return (p.b_2d().float() @ p.a_2d().float()) * p.scaling
+
+
+def _cat(pieces, weights, ranks, out_f, in_f):
+    bs, as_ = [], []
+    for n, p in pieces.items():
+        r = ranks[n]
+        if p is None:  # this adapter has no piece on the module: zero block keeps ranks uniform
+            bs.append(torch.zeros(out_f, r))
+            as_.append(torch.zeros(r, in_f))
+        else:
+            bs.append(p.b_2d().detach().float() * (weights[n] * p.scaling))
+            as_.append(p.a_2d().detach().float())
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)  # (out, sum r), (sum r, in)
+
+
+def _linear(pieces, weights, r, out_f, in_f):
+    b = torch.zeros(out_f, r)
+    a = torch.zeros(r, in_f)
+    for n, p in pieces.items():
+        if p is None:
+            continue
+        c = (abs(weights[n]) * p.scaling) ** 0.5
+        sign = 1.0 if weights[n] >= 0 else -1.0
+        b += sign * c * p.b_2d().detach().float()
+        a += c * p.a_2d().detach().float()
+    return b, a
+
+
+def svd_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B @ A the best rank-r approximation of ``delta`` (Eckart-Young)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(r, S.numel())
+    b = torch.zeros(delta.shape[0], r)
+    a = torch.zeros(r, delta.shape[1])
+    b[:, :k] = U[:, :k] * S[:k]
+    a[:k] = Vh[:k]
+    return b, a
+
+
+def _combine(method: str, deltas: list[tuple[float, torch.Tensor]], density: float, gen: torch.Generator):
+    ws = torch.tensor([w for w, _ in deltas]).view(-1, 1, 1)
+    D = torch.stack([d for _, d in deltas])  # (n, out, in)
+    if method == "svd":
+        return (ws * D).sum(0)
+    if method == "magnitude_prune":
+        return (ws * torch.stack([prune_magnitude(d, density) for d in D])).sum(0)
+    if method == "dare_linear":
+        return (ws * torch.stack([dare(d, density, gen) for d in D])).sum(0)
+    if method == "ties":
+        return ties(torch.stack([prune_magnitude(d, density) for d in D]), ws)
+    if method == "dare_ties":
+        return ties(torch.stack([dare(d, density, gen) for d in D]), ws)
+    raise AssertionError(method)
+
+
+# -- the merge kernels (pure functions) ----------------------------------------------------
+def prune_magnitude(d: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest |value|; zero the rest."""
+    if density >= 1.0:
+        return d
+    k = max(1, int(round(density * d.numel())))
+    thresh = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+    return torch.where(d.abs() >= thresh, d, torch.zeros_like(d))
+
+
+def dare(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al., 2023): drop each entry with prob 1-density, rescale kept ones by 1/density."""
+    if density >= 1.0:
+        return d
+    keep = torch.rand(d.shape, generator=gen) < density
+    return torch.where(keep, d / density, torch.zeros_like(d))
+
+
+def ties(D: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """TIES (Yadav et al., 2023) on trimmed deltas ``D`` (n, out, in) with weights ``ws`` (n,1,1):
+    elect each entry's sign from the weighted sum, average the weighted entries that agree."""
+    W = ws * D
+    sign = torch.where(W.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(W) == sign) & (W != 0)
+    total = (W * agree).sum(0)
+    count = agree.sum(0).clamp(min=1)
+    return total / count
