@@ -202,6 +202,15 @@ def trainable_parameters(model: nn.Module, name: str | None = None) -> int:
     return sum(p.numel() for p in adapter_parameters(model, name).values() if p.requires_grad)
 
 
+def regularization_loss(model: nn.Module, name: str | None = None) -> torch.Tensor | None:
+    """Sum of the regularizers the pieces of adapter ``name`` (default: the active
+    adapters) ask for, or ``None`` if none does. Trainers add it to the task loss."""
+    state = get_state(model)
+    names = [name] if name is not None else list(state.active)
+    terms = [t for n in names for p in state.record(n).pieces.values() if (t := p.regularization()) is not None]
+    return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+
+
 # -- files ---------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under portable keys ``<host path>.<param>``."""
@@ -289,6 +298,6 @@ def get_record(model: nn.Module, name: str) -> AdapterRecord:
 
 __all__ = [
     "add_adapter", "set_adapter", "adapter_batch", "merge", "unmerge", "delete_adapter", "list_adapters",
-    "get_adapter_config", "trainable_parameters", "merge_and_unload", "save_adapter", "load_adapter", "adapter_state_dict",
+    "get_adapter_config", "trainable_parameters", "merge_and_unload", "regularization_loss", "save_adapter", "load_adapter", "adapter_state_dict",
     "adapter_parameters", "active_adapters", "get_record", "AdapterNotFoundError",
 ]

@@ -137,6 +137,11 @@ class AdapterModule(nn.Module):
             w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
+    def regularization(self) -> torch.Tensor | None:
+        """An extra training loss term this piece asks for (e.g. SORSA's orthonormality
+        regularizer); summed by :func:`adapterkit.api.regularization_loss`."""
+        return None
+
     def on_delete(self) -> None:
         """Called before the piece is detached (e.g. PiSSA restores the base weight)."""
 
