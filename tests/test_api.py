@@ -232,3 +232,10 @@ def test_merge_and_unload_leaves_a_plain_model(llama, ids):
     ak.delete_adapter(llama, "b")
     assert set(llama.state_dict()) == keys
     assert (llama(ids).logits - ref).abs().max().item() <= 1e-4
+
+
+def test_failed_add_leaves_model_untouched(llama):
+    with pytest.raises(TargetNotFoundError):
+        ak.add_adapter(llama, "a", ak.LoRAConfig(targets=["nope"]))
+    assert all(p.requires_grad for p in llama.parameters())
+    assert ak.list_adapters(llama) == []

@@ -19,7 +19,14 @@ from .api import (  # noqa: E402
 )
 from .errors import AdapterError  # noqa: E402
 from .compose import merge_adapters  # noqa: E402
-from .methods import DoRAConfig, LoRAConfig  # noqa: E402
+from .methods import (  # noqa: E402
+    BottleneckConfig,
+    DoRAConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
 from .registry import list_methods, make_config  # noqa: E402
 
 _SUBPACKAGES = ("models", "train", "serve", "formats", "compose", "ops", "methods")
@@ -39,6 +46,10 @@ __all__ = [
     "AdapterError",
     "LoRAConfig",
     "DoRAConfig",
+    "BottleneckConfig",
+    "IA3Config",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "merge_adapters",
     "adapter_batch",
     "add_adapter",

@@ -41,7 +41,6 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> AdapterRe
     if name in state.adapters:
         raise DuplicateAdapterError(f"an adapter named {name!r} is already attached; delete it first or pick another name")
     spec = get_method(config.method)
-    _freeze_base(model)
     pieces = spec.attach(model, name, config)
     mods = dict(model.named_modules())
     try:
@@ -53,6 +52,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> AdapterRe
         for piece in pieces.values():  # e.g. PiSSA already rewrote base weights
             piece.on_delete()
         raise
+    _freeze_base(model)  # only once attaching worked: a failed add leaves the model as it was
     rec = AdapterRecord(name=name, method=spec.name, config=config, pieces=pieces)
     state.adapters[name] = rec
     if not state.active:

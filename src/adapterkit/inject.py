@@ -22,7 +22,7 @@ def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _match_suffix(name: str, target: str) -> bool:
+def match_suffix(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
@@ -57,7 +57,7 @@ def resolve_targets(
     if targets is None:
         for cand in defaults:
             picked = _select(names, cand)
-            if picked and (isinstance(cand, str) or all(any(_match_suffix(n, t) for n in picked) for t in cand)):
+            if picked and (isinstance(cand, str) or all(any(match_suffix(n, t) for n in picked) for t in cand)):
                 picked = [n for n in picked if accept(n, by_name[n])]
                 if picked:
                     return picked
@@ -84,7 +84,7 @@ def resolve_targets(
         return check(picked)
 
     for t in targets:
-        if not any(_match_suffix(n, t) for n in names):
+        if not any(match_suffix(n, t) for n in names):
             hint = closest(t, _leaf_names(names) + names)
             raise TargetNotFoundError(
                 f"target {t!r} matches no module of {type(model).__name__}. "
@@ -97,7 +97,7 @@ def _select(names: Iterable[str], cand: Sequence[str] | str) -> list[str]:
     if isinstance(cand, str):
         rx = re.compile(cand)
         return [n for n in names if rx.fullmatch(n)]
-    return [n for n in names if any(_match_suffix(n, t) for t in cand)]
+    return [n for n in names if any(match_suffix(n, t) for t in cand)]
 
 
 def _leaf_names(names: Iterable[str]) -> list[str]:
@@ -122,3 +122,11 @@ def linear_layers_except_head(model: nn.Module) -> list[str]:
 
 def is_linear_like(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def weight_io(host: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or transformers Conv1D (which stores W as (in, out))."""
+    if isinstance(host, nn.Linear):
+        return host.out_features, host.in_features
+    w = host.weight
+    return w.shape[1], w.shape[0]

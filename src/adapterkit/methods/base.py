@@ -173,7 +173,7 @@ def _main_input(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
         def put(x: torch.Tensor):
             return (x, *args[1:]), kwargs
         return args, kwargs, args[0], put
-    for k in ("hidden_states", "input", "x", "inputs_embeds"):
+    for k in ("hidden_states", "input", "x", "inputs_embeds", "input_ids"):
         v = kwargs.get(k)
         if isinstance(v, torch.Tensor):
             def put(x: torch.Tensor, k: str = k):
