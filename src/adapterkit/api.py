@@ -16,6 +16,7 @@ from .errors import (
     DuplicateAdapterError,
     IncompatibleBaseError,
     NotMergeableError,
+    TargetNotFoundError,
     did_you_mean,
 )
 from .formats import check_fingerprint, fingerprint, read_adapter, write_native
@@ -254,7 +255,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     spec = get_method(saved.method)
     config = spec.config_cls.from_dict(saved.config).for_loading()
     check_fingerprint(model, saved.base, str(path))
-    rec = add_adapter(model, name, config)
+    try:
+        rec = add_adapter(model, name, config)
+    except TargetNotFoundError as e:  # the file names modules this model does not have
+        raise IncompatibleBaseError(f"adapter {path} does not fit this base model: {e}") from None
     try:
         _fill(model, name, saved.tensors, str(path))
     except BaseException:
