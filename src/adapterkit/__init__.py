@@ -18,7 +18,7 @@ from .api import (  # noqa: E402
     unmerge,
 )
 from .errors import AdapterError  # noqa: E402
-from .compose import merge_adapters  # noqa: E402
+from .compose import Average, Stack, merge_adapters  # noqa: E402
 from .methods import (  # noqa: E402
     BottleneckConfig,
     DoRAConfig,
@@ -51,6 +51,8 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "merge_adapters",
+    "Stack",
+    "Average",
     "adapter_batch",
     "add_adapter",
     "delete_adapter",

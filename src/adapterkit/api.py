@@ -23,7 +23,7 @@ from .formats import check_fingerprint, fingerprint, read_adapter, write_native
 from .inject import CONTAINER
 from .methods.base import AdapterConfig
 from .registry import get_method
-from .state import AdapterRecord, get_state, install_piece, remove_piece
+from .state import AdapterRecord, Composition, get_state, install_piece, remove_piece
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
@@ -67,10 +67,17 @@ def _freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def set_adapter(model: nn.Module, names: str | Sequence[str] | None) -> None:
-    """Activate one adapter, several (all applied, in this order), or ``None`` (base only)."""
+def set_adapter(model: nn.Module, names: str | Sequence[str] | Composition | None) -> None:
+    """Activate one adapter, several (all applied, in this order), a composition
+    (``ak.Stack``, ``ak.Average``, ...), or ``None`` (base only)."""
     state = get_state(model, create=True)
-    wanted: tuple[str, ...] = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    if isinstance(names, Composition):
+        wanted = names.adapter_names()
+        for n, rec in state.adapters.items():
+            if n in wanted and _is_merged(rec):
+                raise AdapterError(f"adapter {n!r} is merged into the base weights; unmerge it before composing it")
+    else:
+        wanted = () if names is None else (names,) if isinstance(names, str) else tuple(names)
     for n in wanted:
         state.record(n)
     if len(set(wanted)) != len(wanted):
@@ -78,11 +85,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str] | None) -> None:
     for n, rec in state.adapters.items():
         if n not in wanted and _is_merged(rec):
             raise AdapterError(f"adapter {n!r} is merged into the base weights; unmerge it before deactivating it")
-    state.active = wanted
+    state.active = names if isinstance(names, Composition) else wanted
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    return get_state(model, create=True).active
+    """Names of the adapters that run (those of the composition, if one is active)."""
+    return get_state(model, create=True).active_names()
 
 
 @contextmanager
@@ -157,7 +165,15 @@ def merge_and_unload(model: nn.Module, name: str) -> None:
     for host_name in rec.pieces:
         remove_piece(state, host_name, mods[host_name], name)
     del state.adapters[name]
-    state.active = tuple(n for n in state.active if n != name)
+    _deactivate(state, name)
+
+
+def _deactivate(state, name: str) -> None:
+    if isinstance(state.active, Composition):
+        if name in state.active.adapter_names():
+            state.active = ()
+    else:
+        state.active = tuple(n for n in state.active if n != name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -172,7 +188,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for host_name in rec.pieces:
         remove_piece(state, host_name, mods[host_name], name)
     del state.adapters[name]
-    state.active = tuple(n for n in state.active if n != name)
+    _deactivate(state, name)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -207,7 +223,7 @@ def regularization_loss(model: nn.Module, name: str | None = None) -> torch.Tens
     """Sum of the regularizers the pieces of adapter ``name`` (default: the active
     adapters) ask for, or ``None`` if none does. Trainers add it to the task loss."""
     state = get_state(model)
-    names = [name] if name is not None else list(state.active)
+    names = [name] if name is not None else list(state.active_names())
     terms = [t for n in names for p in state.record(n).pieces.values() if (t := p.regularization()) is not None]
     return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
 

@@ -31,10 +31,34 @@ class AdapterRecord:
     pieces: dict[str, AdapterModule]
 
 
+class Composition:
+    """A rule combining several adapters on every host (``adapterkit.compose``: Stack,
+    Average, ...). Activated with ``ak.set_adapter(model, ak.Stack("lang", "task"))``."""
+
+    def adapter_names(self) -> tuple[str, ...]:
+        """Every adapter the composition uses (validated when it is activated)."""
+        raise NotImplementedError
+
+    def pre(self, host: nn.Module, container: nn.ModuleDict, args: tuple[Any, ...], kwargs: dict[str, Any]
+            ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Input side: by default each adapter's ``forward_pre`` in order."""
+        for n in self.adapter_names():
+            piece = container[n] if n in container else None
+            if piece is not None and piece.has_pre and not piece.merged:
+                args, kwargs = piece.hook_pre(host, args, kwargs, None)
+        return args, kwargs
+
+    def post(self, host: nn.Module, container: nn.ModuleDict, x: torch.Tensor | None, y: torch.Tensor
+             ) -> torch.Tensor:
+        """Output side: the combined output of the host."""
+        raise NotImplementedError
+
+
 @dataclass
 class AdapterState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
+    #: the active adapters, applied in order, or a Composition
+    active: tuple[str, ...] | Composition = ()
     #: mixed-batch mode: adapter name -> row indices (CPU), and the batch size
     rows: dict[str, torch.Tensor] | None = None
     batch_size: int = 0
@@ -54,8 +78,13 @@ class AdapterState:
     def running(self, container: nn.ModuleDict) -> list[tuple[str, AdapterModule, torch.Tensor | None]]:
         """(name, piece, rows) of the adapters that run on this host for the current call."""
         if self.rows is None:
+            assert not isinstance(self.active, Composition)
             return [(n, container[n], None) for n in self.active if n in container]  # type: ignore[misc]
         return [(n, container[n], r) for n, r in self.rows.items() if n in container]  # type: ignore[misc]
+
+    def active_names(self) -> tuple[str, ...]:
+        a = self.active
+        return a.adapter_names() if isinstance(a, Composition) else a
 
     def rows_on(self, name: str, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
         key = (name, device)
@@ -122,6 +151,8 @@ def _make_pre_hook(state: AdapterState):
         c = container_of(host)
         if c is None:
             return None
+        if state.rows is None and isinstance(state.active, Composition):
+            return state.active.pre(host, c, args, kwargs)
         changed = False
         for name, piece, rows in state.running(c):
             if piece.merged or not piece.has_pre:
@@ -140,14 +171,17 @@ def _make_post_hook(state: AdapterState):
         c = container_of(host)
         if c is None:
             return None
-        todo = [t for t in state.running(c) if not t[1].merged and t[1].has_post]
-        if not todo:
+        comp = state.active if state.rows is None and isinstance(state.active, Composition) else None
+        todo = [] if comp else [t for t in state.running(c) if not t[1].merged and t[1].has_post]
+        if not todo and (comp is None or not any(n in c for n in comp.adapter_names())):
             return None
         try:
             x = main_input(host, args, kwargs)
         except TypeError:  # e.g. a root model called with input_ids only: pieces there don't need x
             x = None
         y, rebuild = split_output(output)
+        if comp is not None:
+            return rebuild(comp.post(host, c, x, y))
         for name, piece, rows in todo:
             if rows is not None:
                 rows = _rows(state, name, rows, y)

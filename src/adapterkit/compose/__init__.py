@@ -1,4 +1,5 @@
-"""Combining adapters: merging algebra (and, later, composition blocks and routing)."""
+"""Combining adapters: composition blocks and the merging algebra."""
+from .blocks import Average, Stack
 from .merge import merge_adapters
 
-__all__ = ["merge_adapters"]
+__all__ = ["Average", "Stack", "merge_adapters"]
