@@ -239,3 +239,9 @@ def test_failed_add_leaves_model_untouched(llama):
         ak.add_adapter(llama, "a", ak.LoRAConfig(targets=["nope"]))
     assert all(p.requires_grad for p in llama.parameters())
     assert ak.list_adapters(llama) == []
+
+
+def test_piece_follows_host_mode(llama):
+    llama.eval()
+    rec = ak.add_adapter(llama, "a", ak.LoRAConfig(r=2, dropout=0.5))
+    assert not any(p.training for p in rec.pieces.values())

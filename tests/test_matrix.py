@@ -123,6 +123,15 @@ CELLS = [
     Cell("prompt", lambda k: ak.PromptTuningConfig(num_virtual_tokens=3), ("llama",), prompt_count, False),
     Cell("prefix", lambda k: ak.PrefixTuningConfig(num_virtual_tokens=3), ("llama",), prefix_count, False),
 ]
+_LM = ("llama", "bert", "vit")
+CELLS += [
+    Cell("lora_xs", lambda k: ak.make_config("lora_xs", r=4), _LM, None, True),
+    Cell("sorsa", lambda k: ak.make_config("sorsa", r=4), _LM, None, True),
+    Cell("hydra", lambda k: ak.make_config("hydra", r=4), _LM, None, True),
+    Cell("bone", lambda k: ak.make_config("bone", r=16), _LM, None, True),
+    Cell("dylora", lambda k: ak.make_config("dylora", r=4), _LM, None, True),
+    Cell("mola", lambda k: ak.make_config("mola", r=2, experts_per_layer="2,3"), _LM, None, False),
+]
 PARAMS = [pytest.param(c, m, id=f"{c.method}-{m}") for c in CELLS for m in c.models]
 
 

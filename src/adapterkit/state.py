@@ -118,6 +118,7 @@ def install_piece(state: AdapterState, host_name: str, host: nn.Module, name: st
     c = container_of(host, create=True)
     assert c is not None
     piece.bind(host)
+    piece.train(host.training)  # a piece added to a model in eval mode must not run dropout
     c[name] = piece
     if host_name not in state._handles:
         state._handles[host_name] = [

@@ -15,12 +15,14 @@
 * LoRA-SB (Ponkshe et al., 2024, https://arxiv.org/abs/2411.19557, "Initialization using Update
   Approximation is a Silver Bullet for Extremely Efficient Low-Rank Fine-Tuning"): the same
   ``B R A`` structure, initialised from the first full-fine-tuning update. With Ĝ the weight
-  gradient averaged over a few batches and ``dW = -init_lr * Ĝ`` the first SGD step, the truncated
+  gradient averaged over a few batches, the first update is ``dW = -init_lr * sign(Ĝ)`` (the first
+  Adam step, what the authors' code uses; ``init_update="sgd"``: ``-init_lr * Ĝ``). Its truncated
   SVD ``dW ~ U_r S_r V_r^T`` gives ``B = U_r``, ``A = V_r^T``, ``R = S_r / s``, so at the start
   ``s B R A`` is the best rank-r approximation of that step (the paper's optimal initialisation;
-  B and A are orthonormal, which is what removes the need to tune the scale). The base weight is
-  left unchanged (``init_lr=0`` starts from the identity with the same subspaces). B and A come
-  from data, so they are persistent buffers saved with the adapter.
+  B and A are orthonormal, which is what removes the need to tune the scale; the authors use
+  s = 1, the default here). The base weight is left unchanged (``init_lr=0`` starts from the
+  identity with the same subspaces). B and A come from data, so they are persistent buffers
+  saved with the adapter.
 
   Usage::
 
@@ -157,6 +159,7 @@ def attach_linear(model: nn.Module, name: str, cfg: AdapterConfig,
     pieces: dict[str, AdapterModule] = {}
     for h, host in hosts.items():
         p = make(h, host)
+        p.train(host.training)  # a piece added to a model in eval mode starts in eval mode too
         p.tied_with = tied.get(h)
         pieces[h] = p
     return pieces
@@ -245,19 +248,24 @@ class LoRAXSConfig(AdapterConfig):
 class LoRASBConfig(LoRAXSConfig):
     """LoRA-SB hyper-parameters: those of :class:`LoRAXSConfig` (``init_std`` unused), plus
 
-    init_lr: step size of the simulated first full-fine-tuning step dW = -init_lr * grad;
-    the adapter starts at its best rank-r approximation (0: identity start).
+    init_lr: step size of the simulated first full-fine-tuning step; the adapter starts at
+    its best rank-r approximation (0: identity start; the authors use the first warm-up
+    step's learning rate). init_update: "adam" (dW = -init_lr * sign(grad), the first Adam
+    step) or "sgd" (dW = -init_lr * grad).
     init_from: "prepare" (statistics from :func:`prepare_lora_sb`) or "file" (empty
     projections filled by ``load_adapter``; set automatically when loading).
     """
 
     method = "lora_sb"
-    init_lr: float = 1e-3
+    init_lr: float = 1e-4
+    init_update: str = "adam"
     init_from: str = "prepare"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float(self, "init_lr")
+        if self.init_update not in ("adam", "sgd"):
+            raise ConfigError(f"LoRASBConfig.init_update must be 'adam' or 'sgd', got {self.init_update!r}")
         if self.init_from not in ("prepare", "file"):
             raise ConfigError(f"LoRASBConfig.init_from must be 'prepare' or 'file', got {self.init_from!r}")
 
@@ -311,7 +319,8 @@ def attach_sb(model: nn.Module, name: str, cfg: AdapterConfig) -> dict[str, Adap
         g = grads.get(h)
         if g is None or not torch.any(g != 0):
             raise ConfigError(f"lora_sb: the batches gave no gradient for {h!r}; is it used by the model's forward?")
-        U, S, Vh = svd_top(-cfg.init_lr * g if cfg.init_lr > 0 else -g, r, h)  # dW = -lr * grad
+        step = torch.sign(g) if cfg.init_update == "adam" else g  # Adam's first step is lr * sign(g)
+        U, S, Vh = svd_top(-cfg.init_lr * step if cfg.init_lr > 0 else -step, r, h)  # dW
         R = torch.diag(S / cfg.scaling) if cfg.init_lr > 0 else torch.zeros(r, r)
         return LoRAXSPiece(host, cfg, A=Vh, B=U, R=R, persistent=True)
 
