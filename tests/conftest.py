@@ -44,7 +44,7 @@ def randomize_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 1) 
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".adapterkit." in f".{n}":
-                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "magnitude" in n or "ia3" in n else 0.0))
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if any(k in n for k in ("magnitude", "ia3", "ssf_scale")) else 0.0))
 
 
 @pytest.fixture

@@ -132,7 +132,15 @@ CELLS += [
     Cell("dylora", lambda k: ak.make_config("dylora", r=4), _LM, None, True),
     Cell("mola", lambda k: ak.make_config("mola", r=2, experts_per_layer="2,3"), _LM, None, False),
 ]
-PARAMS = [pytest.param(c, m, id=f"{c.method}-{m}") for c in CELLS for m in c.models]
+CELLS += [
+    Cell("ssf", lambda k: ak.make_config("ssf", targets=CONV_TARGETS.get(k)), ("llama", "bert", "vit", "conv"),
+         None, True),
+    Cell("compacter", lambda k: ak.make_config("compacter", reduction_factor=8), _LM, None, False),
+    Cell("compacter", lambda k: ak.make_config("compacter", mode="compacter++"), _LM, None, False),
+    Cell("mosa", lambda k: ak.make_config("mosa", mode="houlsby", reduction_factor=8), _LM, bottleneck_count, False),
+    Cell("invertible", lambda k: ak.make_config("invertible"), ("llama",), None, False),
+]
+PARAMS = [pytest.param(c, m, id=f"{c.method}{i}-{m}") for i, c in enumerate(CELLS) for m in c.models]
 
 
 def _attach(cell: Cell, kind: str):

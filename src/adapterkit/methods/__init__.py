@@ -2,19 +2,23 @@
 from .base import AdapterConfig, AdapterModule
 from .bone import BoneConfig
 from .bottleneck import BottleneckConfig
+from .compacter import CompacterConfig
 from .corda import CorDAConfig, prepare_corda
 from .dora import DoRAConfig
 from .dylora import DyLoRAConfig, truncate_dylora
 from .hydra import HydraConfig
 from .ia3 import IA3Config
+from .invertible import InvertibleConfig
 from .lora import LoRAConfig
 from .lora_xs import LoRASBConfig, LoRAXSConfig, prepare_lora_sb
 from .mola import MoLAConfig
+from .mosa import MoSAConfig, mosa_merge, set_mosa_modules
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .sorsa import SORSAConfig
+from .ssf import SSFConfig
 
-__all__ = ["AdapterConfig", "AdapterModule", "BoneConfig", "BottleneckConfig", "CorDAConfig", "DoRAConfig",
-           "DyLoRAConfig", "HydraConfig", "IA3Config", "LoRAConfig", "LoRASBConfig", "LoRAXSConfig", "MoLAConfig",
-           "PrefixTuningConfig", "PromptTuningConfig", "SORSAConfig", "prepare_corda", "prepare_lora_sb",
+__all__ = ["AdapterConfig", "AdapterModule", "BoneConfig", "BottleneckConfig", "CompacterConfig", "CorDAConfig", "DoRAConfig",
+           "DyLoRAConfig", "HydraConfig", "IA3Config", "InvertibleConfig", "LoRAConfig", "LoRASBConfig", "LoRAXSConfig", "MoLAConfig", "MoSAConfig",
+           "PrefixTuningConfig", "PromptTuningConfig", "SORSAConfig", "SSFConfig", "mosa_merge", "set_mosa_modules", "prepare_corda", "prepare_lora_sb",
            "truncate_dylora"]
