@@ -74,3 +74,7 @@ class DataError(AdapterError, ValueError):
 
 class CheckpointError(AdapterError, OSError):
     """A training checkpoint is missing, incomplete, corrupt or made with another config."""
+
+
+class TrainingDivergedError(AdapterError, FloatingPointError):
+    """The training loss or gradient became NaN/Inf (names the step); lower the lr or check the data."""
