@@ -245,3 +245,34 @@ def test_piece_follows_host_mode(llama):
     llama.eval()
     rec = ak.add_adapter(llama, "a", ak.LoRAConfig(r=2, dropout=0.5))
     assert not any(p.training for p in rec.pieces.values())
+
+
+def test_deepcopy_gives_an_independent_adapted_model(llama, ids):
+    import copy
+
+    _two(llama)
+    ak.add_adapter(llama, "bn", ak.BottleneckConfig(reduction_factor=8))
+    randomize_adapters(llama)
+    ak.set_adapter(llama, ["a", "bn"])
+    ref = llama(ids).logits
+    twin = copy.deepcopy(llama)
+    torch.testing.assert_close(twin(ids).logits, ref, atol=0, rtol=0)
+    piece = ak.api.get_record(twin, "bn").pieces["model.layers.0.mlp"]
+    assert piece.host is twin.model.layers[0].mlp
+    ak.set_adapter(twin, None)  # the copy has its own state...
+    ak.delete_adapter(twin, "a")  # ...and its own hooks
+    torch.testing.assert_close(llama(ids).logits, ref, atol=0, rtol=0)
+    assert ak.list_adapters(llama) == ["a", "b", "bn"]
+    with ak.adapter_batch(twin, ["bn", None, "b", "bn"]):
+        twin(ids)
+
+
+def test_pickle_round_trip(llama, ids, tmp_path):
+    _two(llama)
+    randomize_adapters(llama)
+    ref = llama(ids).logits
+    torch.save(llama, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(back(ids).logits, ref, atol=0, rtol=0)
+    ak.set_adapter(back, "b")
+    assert ak.api.active_adapters(llama) == ("a",)

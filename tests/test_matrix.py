@@ -140,6 +140,11 @@ CELLS += [
     Cell("mosa", lambda k: ak.make_config("mosa", mode="houlsby", reduction_factor=8), _LM, bottleneck_count, False),
     Cell("invertible", lambda k: ak.make_config("invertible"), ("llama",), None, False),
 ]
+CELLS += [
+    Cell("qadapter", lambda k: ak.make_config("qadapter", bits=2, base_config={"r": 4}), _LM, lora_count(4), True),
+    Cell("qadapter", lambda k: ak.make_config("qadapter", base_method="bottleneck", bits=4,
+                                              base_config={"mode": "houlsby", "reduction_factor": 8}), _LM, None, False),
+]
 PARAMS = [pytest.param(c, m, id=f"{c.method}{i}-{m}") for i, c in enumerate(CELLS) for m in c.models]
 
 

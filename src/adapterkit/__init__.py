@@ -29,7 +29,7 @@ from .methods import (  # noqa: E402
 )
 from .registry import list_methods, make_config  # noqa: E402
 
-_SUBPACKAGES = ("models", "train", "serve", "formats", "compose", "ops", "methods")
+_SUBPACKAGES = ("models", "train", "serve", "formats", "compose", "ops", "methods", "quant")
 
 
 def __getattr__(name: str):

@@ -122,8 +122,8 @@ def install_piece(state: AdapterState, host_name: str, host: nn.Module, name: st
     c[name] = piece
     if host_name not in state._handles:
         state._handles[host_name] = [
-            host.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True),
-            host.register_forward_hook(_make_post_hook(state), with_kwargs=True),
+            host.register_forward_pre_hook(_PreHook(state), with_kwargs=True),
+            host.register_forward_hook(_PostHook(state), with_kwargs=True),
         ]
 
 
@@ -147,8 +147,14 @@ def _rows(state: AdapterState, name: str, rows: torch.Tensor, ref: torch.Tensor)
     return state.rows_on(name, rows, ref.device)
 
 
-def _make_pre_hook(state: AdapterState):
-    def pre_hook(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+class _PreHook:
+    """The host's forward pre-hook (a class, not a closure, so models deep-copy and pickle)."""
+
+    def __init__(self, state: AdapterState) -> None:
+        self.state = state
+
+    def __call__(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        state = self.state
         c = container_of(host)
         if c is None:
             return None
@@ -164,11 +170,15 @@ def _make_pre_hook(state: AdapterState):
             changed = True
         return (args, kwargs) if changed else None
 
-    return pre_hook
 
+class _PostHook:
+    """The host's forward hook."""
 
-def _make_post_hook(state: AdapterState):
-    def post_hook(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
+    def __init__(self, state: AdapterState) -> None:
+        self.state = state
+
+    def __call__(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
+        state = self.state
         c = container_of(host)
         if c is None:
             return None
@@ -188,8 +198,6 @@ def _make_post_hook(state: AdapterState):
                 rows = _rows(state, name, rows, y)
             y = piece.hook_post(host, x, y, rows)
         return rebuild(y)
-
-    return post_hook
 
 
 def split_output(output: Any):

@@ -15,10 +15,12 @@ from .mola import MoLAConfig
 from .mosa import MoSAConfig, mosa_merge, set_mosa_modules
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
+from .qadapter import QAdapterConfig
+from .qlora import QLoRAConfig
 from .sorsa import SORSAConfig
 from .ssf import SSFConfig
 
 __all__ = ["AdapterConfig", "AdapterModule", "BoneConfig", "BottleneckConfig", "CompacterConfig", "CorDAConfig", "DoRAConfig",
            "DyLoRAConfig", "HydraConfig", "IA3Config", "InvertibleConfig", "LoRAConfig", "LoRASBConfig", "LoRAXSConfig", "MoLAConfig", "MoSAConfig",
-           "PrefixTuningConfig", "PromptTuningConfig", "SORSAConfig", "SSFConfig", "mosa_merge", "set_mosa_modules", "prepare_corda", "prepare_lora_sb",
+           "PrefixTuningConfig", "PromptTuningConfig", "QAdapterConfig", "QLoRAConfig", "SORSAConfig", "SSFConfig", "mosa_merge", "set_mosa_modules", "prepare_corda", "prepare_lora_sb",
            "truncate_dylora"]

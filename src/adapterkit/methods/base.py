@@ -20,6 +20,7 @@ call (prompt and prefix tuning rewrite keyword arguments of the root model) over
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from dataclasses import dataclass
@@ -111,6 +112,28 @@ class AdapterModule(nn.Module):
 
     def bind(self, host: nn.Module) -> None:
         self._host_ref = weakref.ref(host)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "AdapterModule":
+        # a weakref deep-copies to itself: point the copy at the copied host instead
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = None if k == "_host_ref" else copy.deepcopy(v, memo)
+        host = self._host_ref() if self._host_ref is not None else None
+        if host is not None:
+            new._host_ref = weakref.ref(copy.deepcopy(host, memo))
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        host = self._host_ref() if self._host_ref is not None else None
+        state["_host_ref"] = host  # pickled by reference within the model
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        host = state.pop("_host_ref", None)
+        super().__setstate__(state)
+        self._host_ref = weakref.ref(host) if host is not None else None
 
     # -- math --------------------------------------------------------------------------
     def forward_pre(self, x: torch.Tensor) -> torch.Tensor:
