@@ -1,0 +1,489 @@
+"""The HTTP layer's wire format and request checks, with no app and no engine calls:
+
+  * request schemas (pydantic), response bodies and the SSE stream format;
+  * the OpenAI error shape and the mapping of engine errors (`adapterkit.errors`) to statuses;
+  * the containment rule for client-supplied adapter paths (`resolve_adapter_path`).
+
+The schemas follow the OpenAI
+REST API (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``) plus vLLM's
+sampling extras (``top_k``, ``min_tokens``, ``ignore_eos``) and vLLM's LoRA admin
+endpoints (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``).
+
+Every error the server returns has OpenAI's JSON shape::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+so the official ``openai`` client raises its typed exceptions (``BadRequestError``,
+``NotFoundError``, ``AuthenticationError``, ``RateLimitError``) with ``.param``/``.code``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapterkit.errors import (
+    AdapterError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    DuplicateAdapterError,
+    IncompatibleBaseError,
+    QueueFullError,
+    UnsupportedModuleError,
+)
+from adapterkit.serve.types import GenerationChunk
+
+log = logging.getLogger("adapterkit.serve")
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered in OpenAI's error shape.
+
+    Attributes:
+        status: HTTP status code (400, 401, 404, 429, 500, ...).
+        message: human-readable text naming the offending field/value.
+        type: OpenAI error type, e.g. ``invalid_request_error``.
+        param: the request field at fault (``"temperature"``, ``"model"``), or None.
+        code: a short machine-readable code (``"model_not_found"``), or None.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error JSON shape."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    """A fresh OpenAI-style object id, e.g. ``cmpl-3f2a...``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix seconds, the ``created`` field of every OpenAI object."""
+    return int(time.time())
+
+
+class _Lenient(BaseModel):
+    # OpenAI clients send fields we do not implement (user, logit_bias, ...); accept and ignore
+    # them rather than failing, as vLLM does. Fields that would change the output are checked
+    # explicitly in `SamplingFields._reject_unsupported`.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a final chunk with empty choices and usage."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(_Lenient):
+    """Sampling fields shared by completions and chat (OpenAI + vLLM extras).
+
+    Ranges follow OpenAI/vLLM: temperature in [0, 2] (0 = greedy), top_p in (0, 1],
+    top_k = -1 or 0 (off) or >= 1, n must be 1 (one choice per request in this server).
+    """
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        # Several choices per request would need n independent sequences sharing one prompt;
+        # the engine serves one sequence per request, so say so instead of silently returning 1.
+        if v != 1:
+            raise ValueError(f"n={v} is not supported; this server returns exactly one choice (n=1)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if len(v) > 16:
+                raise ValueError(f"at most 16 stop sequences are allowed, got {len(v)}")
+            if any(s == "" for s in v):
+                raise ValueError("stop sequences must be non-empty strings")
+        elif v == "":
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v not in (None, False, 0):
+            raise ValueError("logprobs are not supported by this server")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float) -> float:
+        # Accepting a penalty and ignoring it would silently change sampling semantics.
+        if v != 0.0:
+            raise ValueError("presence/frequency penalties are not supported by this server (use 0)")
+        return v
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SamplingFields:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _FieldError("min_tokens", f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
+        return self
+
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list (OpenAI accepts a string or a list)."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class _FieldError(ValueError):
+    """A cross-field validation error that knows which field to blame (becomes ``param``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``. ``prompt`` is one string or one list of token ids.
+
+    A list of several prompts (OpenAI's batch form) is refused: one request = one sequence.
+    """
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, v: Any) -> str | list[int]:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError(f"exactly one prompt per request is supported, got {len(v)}")
+            v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("echo", "suffix", "best_of")
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        allowed = {"echo": (False,), "suffix": (None,), "best_of": (None, 1)}[info.field_name]
+        if v is True or v not in allowed:  # `True in (1,)` holds in Python, hence `is True`
+            raise ValueError(f"{info.field_name}={v!r} is not supported by this server")
+        return v
+
+
+class ChatMessage(_Lenient):
+    """One chat message. ``content`` may be a string or OpenAI's list of text parts."""
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message text; list content must be ``[{"type": "text", "text": ...}, ...]``."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts: list[str] = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, f"only text content parts are supported, got type={part.get('type')!r}",
+                               param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``. ``max_completion_tokens`` is OpenAI's newer name."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    add_generation_prompt: bool = True
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's ``POST /v1/load_lora_adapter`` body."""
+
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body (``lora_int_id`` accepted and ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str = Field(min_length=1, max_length=200)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    rid: str, model: str, text: str, finish: str | None, use: dict[str, int] | None, *, chunk: bool = False
+) -> dict[str, Any]:
+    """A ``text_completion`` object (full response, or one stream chunk when ``chunk``)."""
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "text_completion",
+        "created": now(),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str, int]) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` object."""
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": use,
+    }
+
+
+def chat_chunk(
+    rid: str, model: str, delta: dict[str, Any] | None, finish: str | None, use: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk``; ``delta=None`` makes the usage-only chunk (empty choices)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": now(),
+        "model": model,
+        "choices": choices,
+    }
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def model_card(name: str, owned_by: str, root: str, parent: str | None) -> dict[str, Any]:
+    """One entry of ``GET /v1/models`` (OpenAI's ``model`` object, vLLM's root/parent extras)."""
+    return {"id": name, "object": "model", "created": now(), "owned_by": owned_by, "root": root, "parent": parent}
+
+
+
+def sse_json(obj: dict[str, Any]) -> str:
+    """One SSE payload (compact JSON, as OpenAI sends)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: SamplingFields,
+                     usage_now: Callable[[], dict[str, int]], chat: bool) -> AsyncIterator[str]:
+    """The SSE ``data:`` payloads of one streamed request in OpenAI's chunk format.
+
+    Chat starts with a ``{"role": "assistant"}`` delta; chunks whose text is held back by the
+    engine (a possible stop-string prefix, a partial UTF-8 character) are skipped; the last
+    choice chunk carries ``finish_reason``; ``stream_options.include_usage`` adds a chunk with
+    empty ``choices`` and ``usage``; an engine error becomes an ``{"error": ...}`` event. The
+    stream always ends with ``[DONE]``. `chunks` is closed on exit (closing aborts the request).
+    """
+    model = body.model
+    try:
+        if chat:
+            yield sse_json(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+        async for c in chunks:
+            if c.finish_reason == "error":
+                yield sse_json(error_body(c.error or "generation failed", "server_error", code="engine_error"))
+                break
+            if not c.text and not c.finished:
+                continue
+            if chat:
+                yield sse_json(chat_chunk(rid, model, {"content": c.text} if c.text else {}, c.finish_reason))
+            else:
+                yield sse_json(completion_body(rid, model, c.text, c.finish_reason, None, chunk=True))
+        if body.include_usage():
+            if chat:
+                yield sse_json(chat_chunk(rid, model, None, None, usage_now()))
+            else:
+                yield sse_json({"id": rid, "object": "text_completion", "created": now(), "model": model,
+                                "choices": [], "usage": usage_now()})
+        yield "[DONE]"
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# ----------------------------------------------------------------------------- adapter paths
+def resolve_adapter_path(path: str, roots: Sequence[Path]) -> Path:
+    """Resolve a client-supplied adapter path; it must lie inside one of `roots`.
+
+    Relative paths are taken relative to each root in order (the first that exists wins);
+    absolute paths must already point inside a root. Any ``..`` component is refused outright,
+    and the final check is made on the real path (symlinks resolved), so a symlink inside a
+    root that points outside it is refused too.
+
+    Args:
+        path: the ``lora_path`` of a load request.
+        roots: the configured adapter roots, already real paths.
+    Raises:
+        APIError(400, param="lora_path"): no roots, ``..``, escape, or no such directory.
+    """
+    if not roots:
+        raise APIError(400, "Loading adapters at runtime is disabled: the server has no adapter roots "
+                       "(start it with --adapter-root DIR).", param="lora_path", code="no_adapter_roots")
+    if "\x00" in path:
+        raise APIError(400, "lora_path contains a NUL byte", param="lora_path", code="invalid_path")
+    if ".." in Path(path).parts:
+        raise APIError(400, f"lora_path {path!r} contains '..'; give a path inside an adapter root",
+                       param="lora_path", code="path_outside_adapter_roots")
+    candidates = [Path(path)] if os.path.isabs(path) else [root / path for root in roots]
+    for cand in candidates:
+        real = Path(os.path.realpath(cand))
+        inside = any(is_within(real, root) for root in roots)
+        if not inside:
+            if os.path.isabs(path) or os.path.lexists(cand):
+                # an absolute path elsewhere, or a symlink inside a root escaping it
+                raise APIError(400, f"lora_path {path!r} resolves to {str(real)!r}, outside the adapter roots "
+                               f"{[str(r) for r in roots]}", param="lora_path", code="path_outside_adapter_roots")
+            continue
+        if real.is_dir():
+            return real
+    raise APIError(400, f"lora_path {path!r} is not an adapter directory inside the adapter roots "
+                   f"{[str(r) for r in roots]}", param="lora_path", code="adapter_not_found")
+
+
+def is_within(path: Path, root: Path) -> bool:
+    return os.path.commonpath([str(path), str(root)]) == str(root)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A native (adapter.safetensors) or PEFT (adapter_model.safetensors) adapter directory."""
+    return (path / "adapter_config.json").is_file() and (
+        (path / "adapter.safetensors").is_file() or (path / "adapter_model.safetensors").is_file()
+    )
+
+
+# ----------------------------------------------------------------------------- error mapping
+def _config_param(msg: str, default: str | None) -> str | None:
+    """ConfigError messages start with ``"<field>: ..."``; that field is the OpenAI ``param``."""
+    head = msg.split(":", 1)[0].strip()
+    return head if head and head.replace("_", "").isalnum() and ":" in msg else default
+
+
+def engine_error(exc: BaseException, *, prompt_param: str = "prompt", param: str | None = None) -> APIError:
+    """Map an engine exception to an `APIError` (status + OpenAI error type/param/code).
+
+    Args:
+        exc: what the engine (or request construction) raised.
+        prompt_param: the request field a ``prompt`` ConfigError blames (chat: ``messages``).
+        param: the field to blame regardless of the message (load endpoint: ``lora_path``).
+    """
+    if isinstance(exc, APIError):
+        return exc
+    msg = str(exc)
+    if isinstance(exc, AdapterNotFoundError):
+        return APIError(404, msg, param="model", code="model_not_found")
+    if isinstance(exc, QueueFullError):
+        return APIError(429, msg or "The request queue is full; retry later.", type="rate_limit_error",
+                        code="queue_full")
+    if isinstance(exc, DuplicateAdapterError):
+        return APIError(409, msg, param="lora_name", code="adapter_already_loaded")
+    if isinstance(exc, IncompatibleBaseError):
+        return APIError(400, msg, param=param, code="incompatible_base")
+    if isinstance(exc, AdapterFileError):
+        return APIError(400, msg, param=param, code="invalid_adapter_file")
+    if isinstance(exc, ConfigError):
+        p = _config_param(msg, param)
+        if p == "prompt" or p == "prompt_token_ids":
+            p = prompt_param
+        return APIError(400, msg, param=param or p, code="invalid_value")
+    if isinstance(exc, UnsupportedModuleError):
+        return APIError(400, msg, param=param, code="unsupported_adapter")
+    if isinstance(exc, AdapterError):
+        return APIError(400, msg, param=param, code="invalid_adapter")
+    if isinstance(exc, TimeoutError):
+        return APIError(503, msg or "timed out", type="server_error", param=param, code="timeout")
+    log.exception("internal error", exc_info=exc)
+    return APIError(500, f"internal server error: {type(exc).__name__}: {msg}", type="server_error")
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """FastAPI/pydantic validation errors -> one 400 naming the first offending field."""
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    # union types (str | list[int]) add the member type to loc ("prompt.str"): drop it
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_name(str(p))]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    param = getattr(ctx_err, "field", None) or (loc[0] if loc else None)
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    where = ".".join(loc) or param or "body"
+    if where == "body" and err.get("type") in ("model_attributes_type", "dict_type"):
+        msg = "the request body must be a JSON object"
+    return APIError(400, f"{where}: {msg}", param=param, code="invalid_value")
+
+
+def _is_type_name(part: str) -> bool:
+    return part in ("str", "int", "float", "bool", "list", "dict") or "[" in part

@@ -1,0 +1,169 @@
+"""`adapterkit serve`: start the OpenAI-compatible server on one base model and many adapters.
+
+    adapterkit serve --model default --adapter-root adapters/ --adapter math=out/math \\
+        --max-loras 8 --max-lora-rank 64 --api-key sk-local --port 8000
+
+Every subdirectory of an ``--adapter-root`` that holds an adapter (native:
+``adapter_config.json`` + ``adapter.safetensors``; PEFT: ``adapter_config.json`` +
+``adapter_model.safetensors``) is registered at start under its directory name; the roots are
+also the only places ``POST /v1/load_lora_adapter`` may load from. ``--adapter NAME=PATH``
+registers one more adapter from any path (the operator's command line is trusted).
+
+This module imports FastAPI/uvicorn only inside `run_serve`, so ``adapterkit --help`` works
+without the ``serve`` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adapterkit.errors import ConfigError
+
+log = logging.getLogger("adapterkit.serve")
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` sub-command to an argparse ``subparsers`` object; returns its parser."""
+    s = subparsers.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible API",
+                              description=__doc__.split("\n\nThis module")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", default="default", help="local HF model dir, or 'default' (SmolLM2-135M-Instruct)")
+    s.add_argument("--served-model-name", default=None,
+                   help="name of the base model in `model` and /v1/models (default: --model as given)")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="register an adapter at start (repeatable)")
+    s.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="register every adapter subdirectory at start, and allow runtime loads from it (repeatable)")
+    s.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
+    s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+    s.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached in host memory (default all)")
+    s.add_argument("--max-queue", type=int, default=4096, help="waiting requests before 429")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    s.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--api-key", default=os.environ.get("ADAPTERKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default $ADAPTERKIT_API_KEY)")
+    s.add_argument("--unload-timeout", type=float, default=600.0,
+                   help="seconds an unload waits for the adapter's requests to finish")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(fn=run_serve)
+    return s
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
+    """``["math=out/math", ...]`` -> ``{"math": "out/math"}``. Raises ConfigError naming the spec."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--adapter: expected NAME=PATH, got {spec!r}")
+        if name in out:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def discover_adapters(roots: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
+    """Every adapter subdirectory of each root, keyed by its directory name (sorted by name).
+
+    A subdirectory that is a symlink resolving outside its root is skipped (with a warning),
+    the same containment rule runtime loads follow.
+
+    Raises:
+        ConfigError: a root is not a directory, or two roots hold the same adapter name.
+    """
+    from adapterkit.serve.api import is_adapter_dir, is_within
+
+    found: dict[str, Path] = {}
+    for root in roots:
+        root_real = Path(os.path.realpath(root))
+        if not root_real.is_dir():
+            raise ConfigError(f"--adapter-root: {str(root)!r} is not a directory")
+        for sub in sorted(root_real.iterdir()):
+            if not (sub.is_dir() and is_adapter_dir(sub)):
+                continue
+            real = Path(os.path.realpath(sub))
+            if not is_within(real, root_real):
+                log.warning("skipping adapter %s: it resolves to %s, outside its root", sub, real)
+                continue
+            if sub.name in found:
+                raise ConfigError(f"--adapter-root: adapter name {sub.name!r} is found in both "
+                                  f"{found[sub.name]} and {sub}; rename one directory")
+            found[sub.name] = real
+    return found
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    """The `EngineConfig` for parsed ``serve`` arguments (ConfigError names a bad field)."""
+    from adapterkit.serve.types import EngineConfig
+
+    return EngineConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_queue=args.max_queue,
+                        max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
+                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device)
+
+
+def base_model_name(args: argparse.Namespace) -> str:
+    """The base model's name in requests: --served-model-name, else the --model argument as
+    given (vLLM's rule), with ``default`` shown as the embedded model's real name."""
+    if args.served_model_name:
+        return str(args.served_model_name)
+    if args.model == "default":
+        from adapterkit.models import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return str(args.model)
+
+
+def build_app(args: argparse.Namespace, engine: Any | None = None) -> Any:
+    """Load the model (unless `engine` is given), register the start-up adapters, build the app."""
+    from adapterkit.serve.server import create_app
+
+    explicit = parse_adapter_specs(args.adapter)
+    discovered = discover_adapters(args.adapter_root)
+    clash = sorted(set(explicit) & set(discovered))
+    if clash:
+        raise ConfigError(f"--adapter: {clash} also found under --adapter-root; use another name")
+    owns_engine = engine is None
+    if engine is None:
+        import torch
+
+        from adapterkit.models import load_model
+        from adapterkit.serve.engine import Engine
+
+        config = engine_config(args)
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        engine = Engine(model, tokenizer, config, model_name=base_model_name(args))
+    try:
+        for name, path in {**discovered, **explicit}.items():
+            info = engine.register_adapter(name, str(path))
+            log.info("registered adapter %r (rank %d) from %s", name, info.rank, path)
+    except BaseException:
+        if owns_engine:
+            engine.shutdown()
+        raise
+    return create_app(engine, adapter_roots=args.adapter_root, api_key=args.api_key,
+                      served_model_name=base_model_name(args), unload_timeout=args.unload_timeout,
+                      shutdown_engine=owns_engine)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Entry point of ``adapterkit serve``: build the app and run uvicorn until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:  # pragma: no cover - depends on the install
+        print("error: `adapterkit serve` needs the serve extra: pip install 'adapterkit[serve]'", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --api-key: anyone who can reach the port can use it", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

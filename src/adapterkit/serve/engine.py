@@ -1,0 +1,303 @@
+"""The serving engine (S-LoRA style): one base model, many registered LoRA adapters, the ones in
+use batched together in every forward pass. Implements `types.EngineProtocol`.
+
+    engine = Engine(hf_model, tokenizer, EngineConfig(max_loras=8))
+    engine.register_adapter("math", "out/math")
+    outs = engine.generate_sync(["2+2=", "Hi"], adapters=["math", None], params=SamplingParams(temperature=0))
+    engine.shutdown()
+
+A background thread runs `Scheduler.step()` while there is work; every public method is
+thread-safe (one lock; the loop holds it for one step at a time, so `abort` frees the KV
+pages of a request within one step and before it returns).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence as Seq
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapterkit.errors import AdapterNotFoundError, ConfigError, QueueFullError, did_you_mean
+from adapterkit.serve.adapters import AdapterStore, HostAdapter, LoraSlots, SlotCache
+from adapterkit.serve.kv import PagedKVCache
+from adapterkit.serve.pool import UnifiedPool
+from adapterkit.serve.runner import ModelRunner
+from adapterkit.serve.sampling import OutputState
+from adapterkit.serve.scheduler import Scheduler, Sequence
+from adapterkit.serve.types import (
+    AdapterInfo,
+    EngineConfig,
+    EngineStats,
+    GenerationChunk,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: Any | None = None, config: EngineConfig | None = None,
+                 model_name: str | None = None, start: bool = True) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        dtype = _DTYPES[cfg.dtype]
+        self.runner = ModelRunner(model, dtype=dtype, device=cfg.device)
+        r = self.runner
+        num_pages = cfg.num_pages or UnifiedPool.pages_for_bytes(r.num_layers, r.num_kv_heads, r.head_dim,
+                                                                 cfg.block_size, dtype, cfg.pool_bytes)
+        self.pool = UnifiedPool(r.num_layers, r.num_kv_heads, r.head_dim, cfg.block_size, num_pages, dtype, cfg.device)
+        self.kv = PagedKVCache(self.pool)
+        shapes = r.module_shapes()
+        self.store = AdapterStore(shapes, r.num_layers, cfg.max_lora_rank, cfg.max_cpu_loras)
+        self.slots = LoraSlots(cfg.max_loras, shapes, dtype, cfg.device)
+        self.cache = SlotCache(self.store, self.slots, self.pool)
+        self.scheduler = Scheduler(cfg, r, self.kv, self.cache)
+        self.scheduler.on_finish = self._record
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        if eos is None and tokenizer is not None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids: set[int] = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._closing: set[str] = set()  # adapters being unregistered: refuse new requests
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._stop = False
+        self._done: deque[tuple[float, float | None, float, int]] = deque(maxlen=2000)  # (t_done, ttft, tpot, n)
+        self._steps: deque[tuple[float, int]] = deque(maxlen=4000)  # (time, tokens generated)
+        self.finished = self.aborted = self.generated = 0
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ loop
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="adapterkit-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._stop:
+                    return
+                try:
+                    n = self.scheduler.step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+                    for seq in list(self.scheduler.running):
+                        self.scheduler.finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                    n = 0
+                self.generated += n
+                self._steps.append((time.perf_counter(), n))
+                self._cv.notify_all()
+            time.sleep(0)  # let submit/abort threads take the lock between steps
+
+    def step(self) -> int:
+        """Run one scheduler step on the caller's thread (engines built with start=False)."""
+        with self._cv:
+            n = self.scheduler.step()
+            self.generated += n
+            self._cv.notify_all()
+            return n
+
+    def shutdown(self) -> None:
+        with self._cv:
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self.scheduler.finish(seq, "abort")
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _record(self, seq: Sequence) -> None:
+        if seq.finish_reason == "abort":
+            self.aborted += 1
+            return
+        self.finished += 1
+        n = len(seq.out.token_ids)
+        ttft = seq.t_first - seq.t_submit if seq.t_first is not None else None
+        tpot = (seq.t_done - seq.t_first) / (n - 1) if seq.t_first is not None and n > 1 and seq.t_done else 0.0
+        self._done.append((seq.t_done or 0.0, ttft, tpot, n))
+
+    # ------------------------------------------------------------------ requests
+    def _make_seq(self, req: GenerationRequest, sink) -> Sequence:
+        cfg = self.config
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+        elif self.tokenizer is None:
+            raise ConfigError("prompt: this engine has no tokenizer; send prompt_token_ids")
+        else:
+            ids = list(self.tokenizer.encode(req.prompt))
+            if not ids:
+                raise ConfigError("prompt: encodes to zero tokens")
+        bad = [t for t in ids if t >= self.runner.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt_token_ids: id {bad[0]} is outside the vocabulary (size {self.runner.vocab_size})")
+        if len(ids) + 1 > cfg.max_model_len:
+            raise ConfigError(f"prompt: {len(ids)} tokens leave no room for output in max_model_len={cfg.max_model_len}")
+        if self.kv.pages_needed("", len(ids) + 1) > self.pool.num_pages:
+            raise ConfigError(f"prompt: {len(ids)} tokens need more KV pages than the pool has ({self.pool.num_pages})")
+        if req.adapter is not None and (req.adapter not in self.store or req.adapter in self._closing):
+            raise AdapterNotFoundError(f"adapter {req.adapter!r} is not registered."
+                                       f"{did_you_mean(req.adapter, self.store.names())}")
+        p = req.params
+        gen = None
+        if not p.greedy:
+            gen = torch.Generator().manual_seed(p.seed if p.seed is not None else cfg.seed + hash(req.request_id) % 2**31)
+        out = OutputState(p, self.tokenizer, self.eos_ids, len(ids), cfg.max_model_len)
+        return Sequence(req=req, prompt_ids=ids, out=out, sink=sink, generator=gen)
+
+    def submit(self, req: GenerationRequest, sink) -> Sequence:
+        """Queue a request; `sink(chunk)` is called from the engine thread for every chunk."""
+        seq = self._make_seq(req, sink)
+        with self._cv:
+            if len(self.scheduler.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting); retry later")
+            if self.scheduler.find(req.request_id) is not None:
+                raise ConfigError(f"request_id: {req.request_id!r} is already in flight")
+            if req.adapter is not None and req.adapter not in self.store:  # unregistered meanwhile
+                raise AdapterNotFoundError(f"adapter {req.adapter!r} is not registered")
+            self.scheduler.add(seq)
+            self._cv.notify_all()
+        return seq
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[GenerationChunk] = asyncio.Queue()
+        # submit takes the engine lock, which a running step holds: wait for it off the event
+        # loop so other streams keep flowing (errors such as a full queue still propagate)
+        await loop.run_in_executor(None, self.submit, request, lambda c: loop.call_soon_threadsafe(q.put_nowait, c))
+        done = False
+        try:
+            while not done:
+                chunk = await q.get()
+                done = chunk.finished
+                yield chunk
+        finally:
+            if not done:  # consumer went away (client disconnect): free the pages now
+                self.abort(request.request_id)
+
+    def generate_sync(self, prompts: Seq[str | list[int]], adapters: Seq[str | None] | None = None,
+                      params: SamplingParams | Seq[SamplingParams] | None = None,
+                      timeout: float | None = None) -> list[GenerationOutput]:
+        n = len(prompts)
+        adapters = list(adapters) if adapters is not None else [None] * n
+        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * n
+        if len(adapters) != n or len(plist) != n:
+            raise ConfigError(f"adapters/params: need {n} entries (one per prompt), got {len(adapters)}/{len(plist)}")
+        reqs = [GenerationRequest(prompt=p if isinstance(p, str) else None,
+                                  prompt_token_ids=None if isinstance(p, str) else list(p), adapter=a, params=sp)
+                for p, a, sp in zip(prompts, adapters, plist)]
+        chunks: dict[str, list[GenerationChunk]] = {r.request_id: [] for r in reqs}
+        left = [n]
+        ev = threading.Event()
+
+        def sink(c: GenerationChunk) -> None:
+            chunks[c.request_id].append(c)
+            if c.finished:
+                left[0] -= 1
+                if left[0] == 0:
+                    ev.set()
+
+        seqs = []
+        try:
+            for r in reqs:
+                seqs.append(self.submit(r, sink))
+        except Exception:
+            for s in seqs:
+                self.abort(s.rid)
+            raise
+        if self._thread is None:  # no background loop: drive it here
+            while not ev.is_set():
+                self.step()
+        elif not ev.wait(timeout):
+            for s in seqs:
+                self.abort(s.rid)
+            raise TimeoutError(f"generate_sync: not finished after {timeout} s")
+        outs = []
+        for r, s in zip(reqs, seqs):
+            cs = chunks[r.request_id]
+            last = cs[-1]
+            outs.append(GenerationOutput(
+                request_id=r.request_id, adapter=r.adapter, prompt_token_ids=s.prompt_ids,
+                token_ids=[t for c in cs for t in c.token_ids], text="".join(c.text for c in cs),
+                finish_reason=last.finish_reason, usage=last.usage,  # type: ignore[arg-type]
+                ttft_s=(s.t_first or s.t_done or 0) - s.t_submit, latency_s=(s.t_done or 0) - s.t_submit,
+                error=last.error))
+        return outs
+
+    def abort(self, request_id: str) -> bool:
+        with self._cv:
+            seq = self.scheduler.find(request_id)
+            if seq is None:
+                return False
+            self.scheduler.finish(seq, "abort")
+            self._cv.notify_all()
+            return True
+
+    # ------------------------------------------------------------------ adapters
+    def register_adapter(self, name: str, path: Any) -> AdapterInfo:
+        """`path`: an adapter directory (native or PEFT) or an in-memory object with
+        .method/.config/.tensors (e.g. `adapterkit.formats.SavedAdapter`)."""
+        self.store.register(name, path)
+        return self._info(self.store.get(name))
+
+    def unregister_adapter(self, name: str, wait: bool = True, timeout: float | None = None) -> None:
+        with self._cv:
+            self.store.get(name)  # AdapterNotFoundError
+            self._closing.add(name)
+            try:
+                users = lambda: [s for s in list(self.scheduler.running) + list(self.scheduler.waiting)  # noqa: E731
+                                 if s.adapter == name]
+                if not wait:
+                    for s in users():
+                        self.scheduler.finish(s, "abort")
+                elif not self._cv.wait_for(lambda: not users(), timeout=timeout):
+                    raise TimeoutError(f"adapter {name!r} still has {len(users())} requests after {timeout} s")
+                self.cache.remove(name)
+                self.store.unregister(name)
+            finally:
+                self._closing.discard(name)
+
+    def _info(self, ad: HostAdapter) -> AdapterInfo:
+        slot = self.cache.slot_of.get(ad.name)
+        return AdapterInfo(name=ad.name, source=ad.source, method="lora", rank=ad.rank, alpha=ad.alpha,
+                           targets=ad.targets, loaded=slot is not None, slot=slot,
+                           running_requests=self.cache.refs.get(ad.name, 0), host_bytes=ad.nbytes)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(self.store.get(n)) for n in self.store.names()]
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            now = time.perf_counter()
+            recent = [(t, n) for t, n in self._steps if now - t <= 10.0]
+            span = (now - recent[0][0]) if len(recent) > 1 else 0.0
+            tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+            ttfts = [d[1] for d in self._done if d[1] is not None]
+            tpots = [d[2] for d in self._done if d[3] > 1]
+            c = self.cache
+            return EngineStats(
+                queue_len=len(self.scheduler.waiting), running=len(self.scheduler.running), finished=self.finished,
+                aborted=self.aborted, generated_tokens=self.generated, tokens_per_s=tps,
+                ttft_p50_s=_pct(ttfts, 0.5), ttft_p99_s=_pct(ttfts, 0.99), tpot_p50_s=_pct(tpots, 0.5),
+                tpot_p99_s=_pct(tpots, 0.99), adapters_registered=len(self.store), adapter_slots=self.config.max_loras,
+                adapter_slots_used=len(c.slot_of), cache_hits=c.hits, cache_misses=c.misses,
+                cache_evictions=c.evictions, pool_pages_total=self.pool.num_pages, pool_pages_kv=self.pool.used("kv"),
+                pool_pages_adapter=self.pool.used("adapter"), pool_pages_free=self.pool.num_free)

@@ -1,0 +1,212 @@
+"""Iteration-level (continuous) batching. Not thread-safe: the engine calls it under its lock.
+
+Every step: admit waiting requests (FCFS, skipping ones whose adapter cannot get a slot yet),
+then pack tokens under `max_num_batched_tokens`: running sequences that are decoding first (1
+token each), then prefill chunks. A sequence's pending tokens are always
+`all_ids[num_computed:]`, so prefill, chunked prefill, decode and re-compute after preemption
+are the same code path. When the KV pool is out of pages the most recently admitted sequence
+is preempted (its pages freed, it goes back to the queue front and is recomputed later).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterkit.serve.adapters import SlotCache
+from adapterkit.serve.kv import PagedKVCache
+from adapterkit.serve.runner import ModelRunner, StepInput
+from adapterkit.serve.sampling import OutputState, sample_tokens
+from adapterkit.serve.types import EngineConfig, GenerationChunk, GenerationRequest, Usage
+
+
+@dataclass(eq=False)
+class Sequence:
+    req: GenerationRequest
+    prompt_ids: list[int]
+    out: OutputState
+    sink: Callable[[GenerationChunk], None]
+    generator: torch.Generator | None
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    slot: int = -1  # adapter slot while running
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_done: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+    @property
+    def adapter(self) -> str | None:
+        return self.req.adapter
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.out.token_ids
+
+    @property
+    def pending(self) -> int:
+        return len(self.prompt_ids) + len(self.out.token_ids) - self.num_computed
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.out.token_ids))
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, kv: PagedKVCache, cache: SlotCache) -> None:
+        self.config, self.runner, self.kv, self.cache = config, runner, kv, cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.on_finish: Callable[[Sequence], None] = lambda s: None
+        self.preemptions = 0
+
+    # ------------------------------------------------------------------ membership
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, rid: str) -> Sequence | None:
+        for s in self.running:
+            if s.rid == rid:
+                return s
+        for s in self.waiting:
+            if s.rid == rid:
+                return s
+        return None
+
+    def finish(self, seq: Sequence, reason: str, error: str | None = None, emit: bool = True) -> None:
+        """Remove `seq` wherever it is, free its KV pages and adapter slot, send the last chunk."""
+        if seq in self.running:
+            self.running.remove(seq)
+            if seq.adapter is not None and seq.slot >= 0:
+                self.cache.release(seq.adapter)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.rid)
+        seq.slot = -1
+        seq.finish_reason = reason
+        seq.t_done = time.perf_counter()
+        if emit:
+            self._emit(seq, GenerationChunk(seq.rid, [], "", reason, seq.usage(), error))  # type: ignore[arg-type]
+        self.on_finish(seq)
+
+    @staticmethod
+    def _emit(seq: Sequence, chunk: GenerationChunk) -> bool:
+        """Deliver a chunk; a failing consumer (e.g. its event loop closed) must not break the
+        batch. False if delivery failed."""
+        try:
+            seq.sink(chunk)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.adapter is not None:
+            self.cache.release(seq.adapter)
+        self.kv.free(seq.rid)
+        seq.num_computed, seq.slot = 0, -1
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    # ------------------------------------------------------------------ one iteration
+    def _admit(self) -> None:
+        cfg = self.config
+        skipped: list[Sequence] = []
+        while self.waiting and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting.popleft()
+            # the whole prompt must fit in the free pages (after reclaiming idle adapters)
+            need = self.kv.pages_needed(seq.rid, len(seq.all_ids) + 1)
+            if need > self.kv.pool.num_free and self.kv.pool.reclaim is not None:
+                self.kv.pool.reclaim(need - self.kv.pool.num_free)
+            if need > self.kv.pool.num_free:
+                self.waiting.appendleft(seq)
+                break
+            if seq.adapter is not None:
+                slot = self.cache.acquire(seq.adapter, protect={s.adapter for s in self.running if s.adapter})
+                if slot is None:  # every slot is held by running requests: let others go first
+                    skipped.append(seq)
+                    continue
+                seq.slot = slot
+            self.running.append(seq)
+        self.waiting.extendleft(reversed(skipped))
+        if cfg.prefetch and self.waiting:
+            wanted = list(dict.fromkeys(s.adapter for s in self.waiting if s.adapter is not None))
+            self.cache.prefetch(wanted[: cfg.max_loras])
+
+    def _pack(self) -> list[tuple[Sequence, int]]:
+        """(seq, n_tokens) for this step under the token budget; allocates KV pages."""
+        budget = self.config.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        order = sorted(self.running, key=lambda s: s.pending != 1)  # decodes first, stable
+        for seq in order:
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below by an earlier seq
+                continue
+            n = min(seq.pending, budget)
+            while not self.kv.ensure(seq.rid, seq.num_computed + n):
+                victims = [s for s in self.running if s is not seq and s not in (b for b, _ in batch)]
+                if not victims:
+                    break
+                self._preempt(victims[-1])
+            else:
+                batch.append((seq, n))
+                budget -= n
+                continue
+            self._preempt(seq)  # cannot grow even alone: retry later
+        return batch
+
+    def step(self) -> int:
+        """One forward pass. Returns the number of tokens generated."""
+        self._admit()
+        batch = self._pack()
+        if not batch:
+            return 0
+        ids, pos, rows, q_lens, ctx_lens, slots, sample_rows = [], [], [], [], [], [], []
+        sample_seqs: list[Sequence] = []
+        t = 0
+        for seq, n in batch:
+            a, b = seq.num_computed, seq.num_computed + n
+            ids += seq.all_ids[a:b]
+            pos += range(a, b)
+            rows.append(self.kv.rows(seq.rid, a, b))
+            q_lens.append(n)
+            ctx_lens.append(b)
+            slots += [seq.slot] * n
+            t += n
+            if b == len(seq.prompt_ids) + len(seq.out.token_ids):  # chunk reaches the end: sample
+                sample_rows.append(t - 1)
+                sample_seqs.append(seq)
+        C = max(ctx_lens)
+        ctx_rows = torch.zeros(len(batch), C, dtype=torch.int64)
+        for i, (seq, _) in enumerate(batch):
+            ctx_rows[i, :ctx_lens[i]] = self.kv.rows(seq.rid, 0, ctx_lens[i])
+        step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.cat(rows), torch.tensor(q_lens), ctx_rows,
+                         torch.tensor(ctx_lens), torch.tensor(slots, dtype=torch.int64),
+                         torch.tensor(sample_rows, dtype=torch.int64))
+        logits = self.runner.forward(step, self.kv.pool, self.cache.slots)
+        for seq, n in batch:
+            seq.num_computed += n
+        if not sample_seqs:
+            return 0
+        toks = sample_tokens(logits, [s.out.params for s in sample_seqs], [s.generator for s in sample_seqs],
+                             [s.out.banned() for s in sample_seqs])
+        now = time.perf_counter()
+        for seq, tok in zip(sample_seqs, toks):
+            if seq.t_first is None:
+                seq.t_first = now
+            d_ids, d_text, finish = seq.out.step(tok)
+            if finish is not None:
+                self._emit(seq, GenerationChunk(seq.rid, d_ids, d_text, finish, seq.usage()))  # type: ignore[arg-type]
+                self.finish(seq, finish, emit=False)
+            elif not self._emit(seq, GenerationChunk(seq.rid, d_ids, d_text, None, seq.usage())):
+                self.finish(seq, "abort", emit=False)  # nobody listens any more: free its pages
+        return len(toks)

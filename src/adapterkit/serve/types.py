@@ -1,0 +1,270 @@
+"""Public interface of the serving engine (S-LoRA style), shared with the HTTP layer.
+
+Everything the server (`serve/api.py`, `serve/server.py`) needs to code against lives here:
+plain dataclasses and one Protocol. The implementation is `adapterkit.serve.engine.Engine`.
+
+    from adapterkit.serve.engine import Engine
+    from adapterkit.serve.types import EngineConfig, GenerationRequest, SamplingParams
+
+    engine = Engine(hf_model, tokenizer, EngineConfig(max_loras=8))   # starts a background loop
+    engine.register_adapter("math", "out/math")                        # validated now, loaded lazily
+    async for chunk in engine.generate(GenerationRequest(prompt="2+2=", adapter="math",
+                                                         params=SamplingParams(max_tokens=8))):
+        print(chunk.text, chunk.finish_reason)
+    engine.shutdown()
+
+Errors (all from `adapterkit.errors`, so the HTTP layer can map them):
+  * ConfigError            bad SamplingParams / EngineConfig field or request (message names the field) -> 400
+  * AdapterNotFoundError   request names an adapter that is not registered -> 404
+  * AdapterFileError, IncompatibleBaseError   register_adapter got a bad adapter -> 400
+  * DuplicateAdapterError  register_adapter with a name already registered -> 409
+  * QueueFullError         submit while `max_queue` requests are waiting -> 429
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from adapterkit.errors import ConfigError
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits. Validated on construction (ConfigError names the field)."""
+
+    max_num_seqs: int = 64  # most sequences running (decoding or prefilling) at once
+    max_num_batched_tokens: int = 1024  # token budget of one forward step (prefill + decode)
+    max_queue: int = 4096  # most requests waiting; submit beyond it raises QueueFullError
+    max_loras: int = 8  # adapter slots on the device (adapters usable in one step)
+    max_lora_rank: int = 64  # largest rank accepted at registration; slots are padded to it
+    max_cpu_loras: int | None = None  # host-memory cache of adapter tensors (None: keep all)
+    block_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # pages in the unified pool (None: sized from pool_bytes)
+    pool_bytes: int = 256 * 2**20  # pool size when num_pages is None
+    max_model_len: int = 2048  # prompt + output tokens of one sequence
+    dtype: str = "float32"  # compute / cache dtype: float32, bfloat16, float16
+    device: str = "cpu"
+    prefetch: bool = True  # load adapters of queued requests into free slots ahead of time
+    seed: int = 0  # seed for requests without their own seed
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "max_loras",
+                     "max_lora_rank", "block_size", "max_model_len", "pool_bytes"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, name, f"must be an int >= 1, got {v!r}")
+        _check(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+               "num_pages", f"must be None or an int >= 1, got {self.num_pages!r}")
+        _check(self.max_cpu_loras is None or (isinstance(self.max_cpu_loras, int) and self.max_cpu_loras >= 1),
+               "max_cpu_loras", f"must be None or an int >= 1, got {self.max_cpu_loras!r}")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+               f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature == 0 means greedy (argmax)."""
+
+    max_tokens: int = 16  # most new tokens
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    top_k: int = 0  # 0 -> off
+    seed: int | None = None  # per-request torch.Generator seed (reproducible sampling)
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output text)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens (included in token_ids)
+    ignore_eos: bool = False  # keep going past the EOS token
+    min_tokens: int = 0  # EOS / stop tokens are masked until this many tokens are out
+
+    def __post_init__(self) -> None:
+        # accept lists / a single string from JSON, store tuples (frozen + hashable)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+               f"must be an int >= 1, got {self.max_tokens!r}")
+        _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+               and self.temperature >= 0, "temperature", f"must be a finite float >= 0, got {self.temperature!r}")
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
+               f"must be in (0, 1], got {self.top_p!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an int >= 0, got {self.top_k!r}")
+        _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be None or an int, got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               f"must be non-empty strings, got {self.stop!r}")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               f"must be ints >= 0, got {self.stop_token_ids!r}")
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt for one adapter (None = base model). Give `prompt` (needs a tokenizer) or
+    `prompt_token_ids` (takes precedence)."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    adapter: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if self.prompt is None and self.prompt_token_ids is None:
+            raise ConfigError("prompt: give `prompt` or `prompt_token_ids`")
+        if self.prompt_token_ids is not None:
+            _check(len(self.prompt_token_ids) >= 1, "prompt_token_ids", "must not be empty")
+            _check(all(isinstance(t, int) and t >= 0 for t in self.prompt_token_ids), "prompt_token_ids",
+                   "must be ints >= 0")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A streamed piece of output: the tokens produced since the previous chunk.
+
+    `text` is the decoded delta (held back while it could still be the start of a stop
+    string or an incomplete UTF-8 character; "" without a tokenizer). The last chunk of a
+    request has `finish_reason` set ("stop": EOS / stop string / stop token, "length":
+    max_tokens or max_model_len, "abort": cancelled, "error": see `error`).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    usage: Usage
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """The whole result of one request (what `generate_sync` returns)."""
+
+    request_id: str
+    adapter: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    ttft_s: float  # submit -> first token
+    latency_s: float  # submit -> finished
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    source: str  # a path, or "<memory>" for host tensors
+    method: str  # "lora"
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]  # leaf module names, e.g. ("q_proj", "v_proj")
+    loaded: bool  # in a device slot now
+    slot: int | None
+    running_requests: int
+    host_bytes: int  # bytes of the tensors (fp32 as stored)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot. Latencies are over the most recent finished requests (a window)."""
+
+    queue_len: int
+    running: int
+    finished: int
+    aborted: int
+    generated_tokens: int
+    tokens_per_s: float  # generated tokens / s over the window
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_p50_s: float  # per-output-token latency (after the first)
+    tpot_p99_s: float
+    adapters_registered: int
+    adapter_slots: int
+    adapter_slots_used: int
+    cache_hits: int
+    cache_misses: int
+    cache_evictions: int
+    pool_pages_total: int
+    pool_pages_kv: int
+    pool_pages_adapter: int
+    pool_pages_free: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@runtime_checkable
+class EngineProtocol(Protocol):
+    """What the HTTP layer may call. All methods are thread-safe.
+
+    The engine runs its own background loop (a thread); `generate` is an async generator that
+    can be consumed from any asyncio loop.
+    """
+
+    config: EngineConfig
+    model_name: str  # the base model's name (for /v1/models)
+    tokenizer: Any | None  # HF tokenizer (encode/decode/apply_chat_template) or None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Submit and stream chunks until one has finish_reason set. Raises (before the first
+        chunk) QueueFullError, AdapterNotFoundError, ConfigError (prompt too long for
+        max_model_len: field "prompt"). If the consumer stops iterating (client disconnect)
+        the request is aborted and its KV pages freed."""
+        ...
+
+    def generate_sync(self, prompts: Sequence[str | list[int]], adapters: Sequence[str | None] | None = None,
+                      params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationOutput]:
+        """Submit all prompts at once (continuous batching), block until all finish, keep order."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a queued or running request; its KV pages are freed before this returns.
+        Its stream ends with finish_reason "abort". False if unknown / already finished."""
+        ...
+
+    def register_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Validate (rank <= max_lora_rank, targets/shapes match the base, no NaN/Inf) and
+        register. Raises DuplicateAdapterError, AdapterFileError, IncompatibleBaseError, ConfigError."""
+        ...
+
+    def unregister_adapter(self, name: str, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests for `name`. wait=True blocks until its running and queued
+        requests finish (TimeoutError after `timeout`); wait=False aborts them now. The adapter's
+        slot and host memory are freed. Raises AdapterNotFoundError."""
+        ...
+
+    def list_adapters(self) -> list[AdapterInfo]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None:
+        """Abort everything and stop the loop (idempotent)."""
+        ...

@@ -1,0 +1,57 @@
+"""Unified pool and paged KV bookkeeping."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterkit.errors import ConfigError
+from adapterkit.serve.kv import PagedKVCache
+from adapterkit.serve.pool import UnifiedPool
+from adapterkit.serve.types import EngineConfig
+
+
+def test_pool_alloc_free_and_kinds():
+    pool = UnifiedPool(num_layers=2, num_kv_heads=2, head_dim=4, block_size=4, num_pages=6)
+    assert pool.page_elems == 2 * 2 * 4 * 2 * 4 and pool.page_bytes == pool.page_elems * 4
+    a = pool.alloc(4, "kv")
+    b = pool.alloc(2, "adapter")
+    assert len(set(a) | set(b)) == 6 and pool.num_free == 0
+    assert pool.alloc(1, "kv") is None  # nothing allocated on failure
+    assert pool.used("kv") == 4 and pool.used("adapter") == 2
+    freed = []
+    pool.reclaim = lambda n: (pool.free(b, "adapter"), freed.append(n))[0] or len(b)
+    c = pool.alloc(2, "kv")
+    assert freed == [2] and len(c) == 2 and pool.used("adapter") == 0 and pool.used("kv") == 6
+    with pytest.raises(ValueError):
+        pool.alloc(1, "other")
+    assert pool.pages_for(1) == 1 and pool.pages_for(pool.page_bytes + 1) == 2
+
+
+def test_kv_rows_map_positions_to_pages():
+    pool = UnifiedPool(1, 1, 2, block_size=4, num_pages=8)
+    kv = PagedKVCache(pool)
+    assert kv.ensure("a", 5) and kv.num_pages("a") == 2
+    assert kv.ensure("b", 1)
+    assert kv.ensure("a", 8) and kv.num_pages("a") == 2  # still fits
+    assert kv.ensure("a", 9) and kv.num_pages("a") == 3
+    t = kv.tables["a"]
+    rows = kv.rows("a", 0, 9)
+    want = [t[p // 4] * 4 + p % 4 for p in range(9)]
+    assert rows.tolist() == want
+    assert len(set(rows.tolist()) & set(kv.rows("b", 0, 1).tolist())) == 0
+    assert not kv.ensure("c", 100)
+    assert kv.num_pages("c") == 0
+    assert kv.free("a") == 3 and pool.used("kv") == 1 and kv.free("a") == 0
+    # writes through the rows land in the layer's K storage
+    k, _ = pool.layer_kv(0)
+    k[kv.rows("b", 0, 1)] = torch.ones(1, 1, 2)
+    assert pool.kv[0, 0].sum() == 2
+
+
+def test_engine_config_validation():
+    with pytest.raises(ConfigError, match="max_loras"):
+        EngineConfig(max_loras=0)
+    with pytest.raises(ConfigError, match="dtype"):
+        EngineConfig(dtype="int8")
+    with pytest.raises(ConfigError, match="num_pages"):
+        EngineConfig(num_pages=0)
