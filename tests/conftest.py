@@ -1,8 +1,11 @@
 """Shared fixtures: tiny random-weight models built from configs (no downloads)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import nn
 
 
 def tiny_llama(seed: int = 0, **kw):
@@ -56,3 +59,70 @@ def llama():
 def ids():
     torch.manual_seed(123)
     return torch.randint(0, 128, (4, 9))
+
+
+# -- trainer tests: the offline byte tokenizer and a tiny Llama with a hand-made low-rank
+# adapter (plain nn.Parameters + forward hooks), independent of the core ---------------------
+def add_manual_lora(model: nn.Module, r: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"), seed: int = 1) -> None:
+    """Freeze ``model`` and add ``y += x @ A.T @ B.T`` on each target Linear.
+
+    A: (r, in), B: (out, r), both random (B != 0 so both get gradients from step 1).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            mod.my_A = nn.Parameter(torch.randn(r, mod.in_features, generator=g) * 0.1)
+            mod.my_B = nn.Parameter(torch.randn(mod.out_features, r, generator=g) * 0.1)
+            mod.register_forward_hook(lambda m, args, y: y + args[0] @ m.my_A.T @ m.my_B.T)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from adapterkit.train.toy import toy_tokenizer
+
+    return toy_tokenizer()
+
+
+@pytest.fixture
+def make_model() -> Callable[..., nn.Module]:
+    """Factory: a fresh tiny Llama (same weights for the same seed) with a manual adapter."""
+
+    def make(seed: int = 0, adapter: bool = True) -> nn.Module:
+        from adapterkit.train.toy import toy_llama
+
+        m = toy_llama(seed=seed)
+        if adapter:
+            add_manual_lora(m)
+        return m
+
+    return make
+
+
+def qa_records(n: int = 16) -> list[dict]:
+    """Small prompt/completion data of varying lengths (so padding is exercised)."""
+    return [{"prompt": f"Q{i}: what is {i} + {i % 5}?", "completion": f" {i + i % 5}" + "!" * (i % 3)} for i in range(n)]
+
+
+def chat_records(n: int = 8) -> list[dict]:
+    return [
+        {"messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": f"hi {i}"},
+            {"role": "assistant", "content": f"hello {i % 3}"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok" * (1 + i % 2)},
+        ]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def qa() -> list[dict]:
+    return qa_records()
+
+
+@pytest.fixture
+def chat() -> list[dict]:
+    return chat_records()
