@@ -18,7 +18,7 @@ from .api import (  # noqa: E402
     unmerge,
 )
 from .errors import AdapterError  # noqa: E402
-from .compose import Average, Stack, merge_adapters  # noqa: E402
+from .compose import Average, Fuse, Parallel, ScaLearn, Stack, merge_adapters  # noqa: E402
 from .methods import (  # noqa: E402
     BottleneckConfig,
     DoRAConfig,
@@ -53,6 +53,9 @@ __all__ = [
     "merge_adapters",
     "Stack",
     "Average",
+    "Parallel",
+    "Fuse",
+    "ScaLearn",
     "adapter_batch",
     "add_adapter",
     "delete_adapter",

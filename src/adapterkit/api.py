@@ -86,6 +86,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str] | Composition | Non
         if n not in wanted and _is_merged(rec):
             raise AdapterError(f"adapter {n!r} is merged into the base weights; unmerge it before deactivating it")
     state.active = names if isinstance(names, Composition) else wanted
+    if isinstance(names, Composition):
+        names.activate(model)
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:

@@ -39,6 +39,10 @@ class Composition:
         """Every adapter the composition uses (validated when it is activated)."""
         raise NotImplementedError
 
+    def activate(self, model: nn.Module) -> None:
+        """Called by ``set_adapter`` when the composition becomes active (e.g. Parallel
+        installs its batch-repeating root hook)."""
+
     def pre(self, host: nn.Module, container: nn.ModuleDict, args: tuple[Any, ...], kwargs: dict[str, Any]
             ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Input side: by default each adapter's ``forward_pre`` in order."""
