@@ -149,7 +149,7 @@ def accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[Example], max_
     return hits / len(examples), preds
 
 
-def _answer_budget(tokenizer: Any, examples: Sequence[Example]) -> int:
+def answer_budget(tokenizer: Any, examples: Sequence[Example]) -> int:
     """New tokens to generate: the longest expected answer + room for the stop token."""
     return max(len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"]) for e in examples) + 4
 
@@ -206,7 +206,7 @@ def run(
         fresh_base = lambda: (copy.deepcopy(pristine), tokenizer)  # noqa: E731
 
     train, heldout = make_splits(task, n_train=n_train, n_eval=n_eval, seed=seed)
-    budget = _answer_budget(tokenizer, heldout)
+    budget = answer_budget(tokenizer, heldout)
     log(f"task {task!r} ({get_task(task).description}): {len(train)} train / {len(heldout)} held-out examples, "
         f"e.g. {heldout[0]['prompt']!r} -> {heldout[0]['completion']!r}")
 

@@ -94,9 +94,9 @@ class MultiTask:
         """
         ex = self.heldout(task)[:limit]
         if generate:
-            from ..demo import _answer_budget, accuracy
+            from ..demo import accuracy, answer_budget
 
-            return accuracy(model, tokenizer, ex, _answer_budget(tokenizer, ex), batch_size)[0]
+            return accuracy(model, tokenizer, ex, answer_budget(tokenizer, ex), batch_size)[0]
         hits = forced_exact_match(model, tokenizer, ex, batch_size)
         return sum(hits) / len(hits)
 
