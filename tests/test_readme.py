@@ -22,5 +22,7 @@ def test_readme_block_runs(code, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     if "list_adapters" in code:
         assert "['math', 'chat'] 3584" in out
+    if "add_scalearn" in code:
+        assert out.splitlines()[0] == "2" and "torch.Size([2, 8, 128])" in out
     if "ak.Parallel" in code:
         assert "torch.Size([4, 8, 128])" in out
