@@ -17,6 +17,9 @@ dare_ties      TIES with DARE instead of trimming, rank r                 no
 magnitude_prune sum_i w_i prune(D_i, density), rank r                      no
 ============== ========================================================== =========
 
+Sparse diffs (``sft``) merge with ``cat`` / ``linear`` into one sparse diff: the union of
+their positions with the weighted sum of their values (exact).
+
 .. [1] PEFT's "linear": factors averaged separately (needs equal ranks); exact for one
    adapter or adapters sharing their subspaces. cat and linear refuse DoRA (its delta
    is not a product of its factors).
@@ -62,6 +65,8 @@ def merge_adapters(
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density}")
     recs = {n: get_record(model, n) for n in weights}
+    if any(rec.method == "sft" for rec in recs.values()):
+        return _merge_sparse(model, recs, weights, method, name)
     for n, rec in recs.items():
         if rec.method not in ("lora", "dora"):
             raise ConfigError(f"adapter {n!r} is a {rec.method} adapter; merge_adapters combines lora and dora adapters")
@@ -108,6 +113,33 @@ def merge_adapters(
     except BaseException:
         delete_adapter(model, name)
         raise
+    return name
+
+
+def _merge_sparse(model: nn.Module, recs, weights: Mapping[str, float], method: str, name: str) -> str:
+    """Sparse diffs (LT-SFT) merge exactly: the union of positions, weighted sum of values."""
+    from ..methods.sft import SFTConfig, prepare_sft
+
+    bad = [n for n, rec in recs.items() if rec.method != "sft"]
+    if bad:
+        raise ConfigError(f"adapter {bad[0]!r} is not a sparse diff: merge sparse diffs (sft) only with each other")
+    if method not in ("cat", "linear"):
+        raise ConfigError(f"sparse diffs merge with 'cat' or 'linear' (the exact weighted sum), not {method!r}")
+    hosts = list(dict.fromkeys(h for rec in recs.values() for h in rec.pieces))
+    union: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    for h in hosts:
+        pieces = [(weights[n], rec.pieces[h]) for n, rec in recs.items() if h in rec.pieces]
+        idx = torch.cat([p.indices.cpu() for _, p in pieces])
+        val = torch.cat([w * p.values.detach().float().cpu() for w, p in pieces])
+        union[h], inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        values[h] = torch.zeros(union[h].numel()).index_add(0, inverse, val)
+    targets = "^(" + "|".join(re.escape(h) for h in hosts) + ")$"
+    cfg = prepare_sft(model, SFTConfig(targets=targets), indices=union)
+    rec = add_adapter(model, name, cfg)
+    with torch.no_grad():
+        for h, piece in rec.pieces.items():
+            piece.values.copy_(values[h].to(piece.values.dtype))
     return name
 
 
