@@ -22,6 +22,8 @@ import types
 
 import torch
 
+from _common import smol_llama
+
 import adapterkit as ak
 from adapterkit.api import get_record
 from adapterkit.methods.paca import PaCAConfig, partial_columns
@@ -30,14 +32,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build(kind: str, layers: int, r: int, seq: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=max(seq, 2048),
-                      tie_word_embeddings=True)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    model = smol_llama(layers, seq)
     if kind == "lora":
         ak.add_adapter(model, "a", ak.LoRAConfig(r=r, alpha=2 * r, targets=TARGETS))
     else:

@@ -23,16 +23,11 @@ import time
 
 import torch
 
+from _common import smol_llama
+
 
 def build(kind: str, layers: int, seq: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=max(seq, 2048),
-                      tie_word_embeddings=True)
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    model = smol_llama(layers, seq)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     if kind == "adapterkit":
         import adapterkit as ak
