@@ -11,7 +11,6 @@ from torch import nn
 
 from .errors import (
     AdapterError,
-    AdapterNotFoundError,
     ConfigError,
     DuplicateAdapterError,
     IncompatibleBaseError,
@@ -321,5 +320,5 @@ def get_record(model: nn.Module, name: str) -> AdapterRecord:
 __all__ = [
     "add_adapter", "set_adapter", "adapter_batch", "merge", "unmerge", "delete_adapter", "list_adapters",
     "get_adapter_config", "trainable_parameters", "merge_and_unload", "regularization_loss", "save_adapter", "load_adapter", "adapter_state_dict",
-    "adapter_parameters", "active_adapters", "get_record", "AdapterNotFoundError",
+    "adapter_parameters", "active_adapters", "get_record",
 ]

@@ -118,7 +118,6 @@ class _MoSA(bn.Bottleneck):
         """a(h) with the drawn modules' entries only (all of them in eval): (..., in) -> (..., out)."""
         sel = self._draw()
         self.mosa_active = sel
-        down, up = self.adapter_down, self.adapter_up
         t = {}
         for mod, p in SPLIT:
             lin = getattr(self, mod)
@@ -127,7 +126,7 @@ class _MoSA(bn.Bottleneck):
                 ids = getattr(lin, f"{p}_module")
                 v = v * torch.isin(ids, torch.tensor(sel, dtype=ids.dtype, device=ids.device)).to(v.dtype)
             t[f"{mod}.{p}"] = v
-        h = h.to(down.weight.dtype)
+        h = h.to(self.adapter_down.weight.dtype)
         z = self.act(F.linear(h, t["adapter_down.weight"], t["adapter_down.bias"]))  # (..., b)
         return self.dropout(F.linear(z, t["adapter_up.weight"], t["adapter_up.bias"])) * self.scaling
 
