@@ -5,8 +5,8 @@ popularity (alpha=1), Poisson arrivals, prompt and output lengths uniform in [8,
     .venv/bin/python benchmarks/trace.py --adapters 10,100,1000,10000 # scaling mode
     .venv/bin/python benchmarks/trace.py --small                      # tiny model smoke run
 
-Default model: SmolLM2-135M widths with `--layers` 8 (random weights) so a run takes minutes on
-2 CPU cores. Adapter files: `--files` distinct native adapter dirs on disk; adapter i is
+Default model: SmolLM2-135M shapes (30 layers, random weights), `--dtype bfloat16` for both the
+engine and the HF baseline (this CPU has AMX bf16 matmul units; `--dtype float32` for fp32). Adapter files: `--files` distinct native adapter dirs on disk; adapter i is
 registered from file i % files (each registration reads and validates its file). The engine
 keeps `--host-cache` adapters in host memory; others are re-read from disk on use (cold loads).
 Reports throughput (generated tok/s), TTFT p50/p99, per-token latency p50/p99, and ratios vs
@@ -39,7 +39,7 @@ from adapterkit.serve.types import EngineConfig, GenerationRequest, SamplingPara
 RANKS = (8, 16, 32)
 
 
-def build_model(layers: int, small: bool):
+def build_model(layers: int, small: bool, dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def build_model(layers: int, small: bool):
     else:
         cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
                           num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
-    m = LlamaForCausalLM(cfg).eval()
+    m = LlamaForCausalLM(cfg).eval().to(dtype)
     m.generation_config.eos_token_id = None
     return m
 
@@ -156,7 +156,8 @@ def rss_mib() -> float:
 def new_engine(model, args, n_adapters: int, files: list[Path]) -> tuple[Engine, float]:
     eng = Engine(model, config=EngineConfig(max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
                                             max_lora_rank=32, max_cpu_loras=args.host_cache,
-                                            max_num_batched_tokens=512, pool_bytes=256 << 20))
+                                            max_num_batched_tokens=512, pool_bytes=args.pool_mib << 20,
+                                            dtype=str(args.dtype).removeprefix("torch.")))
     t = time.perf_counter()
     for i in range(n_adapters):
         eng.register_adapter(f"ad{i}", str(files[i % len(files)]))
@@ -174,12 +175,14 @@ def fmt(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", default="1000", help="one count, or a comma list for scaling mode")
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=32.0, help="Poisson arrival rate, requests / s")
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--files", type=int, default=24, help="distinct adapter files on disk")
     ap.add_argument("--host-cache", type=int, default=64, help="adapters kept in host memory (max_cpu_loras)")
     ap.add_argument("--max-loras", type=int, default=32)
+    ap.add_argument("--pool-mib", type=int, default=1024, help="unified KV + adapter page pool")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--peft-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -188,11 +191,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.adapters.split(",")]
-    model = build_model(args.layers, args.small)
+    args.dtype = getattr(torch, args.dtype)
+    model = build_model(args.layers, args.small, args.dtype)
     V = model.config.vocab_size
     tmp = Path(tempfile.mkdtemp(prefix="adapterkit-trace-"))
     files = make_files(model, args.files, tmp)
-    shape = "tiny" if args.small else f"SmolLM2-135M widths, {args.layers} layers"
+    shape = "tiny" if args.small else f"SmolLM2-135M widths, {args.layers} layers, {args.dtype}"
     print(f"trace: {args.requests} requests, Poisson {args.rate}/s, prompt/output U[8,64], ranks {RANKS} on "
           f"{','.join(TARGETS)}, {shape}, {args.threads} threads, max_loras {args.max_loras}, files {args.files}")
 

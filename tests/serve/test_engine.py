@@ -193,3 +193,26 @@ def test_failing_consumer_is_aborted_alone(model):
         eng.step()
     assert sum(len(c.token_ids) for c in got) == 6 and got[-1].finish_reason == "length"
     assert eng.stats().aborted == 1 and eng.pool.used("kv") == 0
+
+
+def test_registration_runs_on_the_engine_thread(model, monkeypatch):
+    """After start, all tensor work happens on the engine thread (see the engine module doc:
+    a second thread with an OpenMP pool made every step ~2x slower); errors still reach the
+    caller, and a shut-down engine refuses new work clearly."""
+    import threading
+
+    eng = Engine(model, config=EngineConfig(block_size=4, num_pages=32))
+    seen = []
+    real = eng.store.register
+    monkeypatch.setattr(eng.store, "register", lambda *a: (seen.append(threading.current_thread().name), real(*a))[1])
+    ads = _adapters(model, 1)
+    info = eng.register_adapter("a0", ads["a0"])
+    assert seen == ["adapterkit-engine"] and info.name == "a0"
+    with pytest.raises(Exception, match="already registered"):
+        eng.register_adapter("a0", ads["a0"])
+    out = eng.generate_sync([[1, 2, 3]], adapters=["a0"], params=SamplingParams(temperature=0, max_tokens=3),
+                            timeout=60)
+    assert len(out[0].token_ids) == 3
+    eng.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        eng.register_adapter("a1", ads["a0"])

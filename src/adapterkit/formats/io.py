@@ -130,6 +130,15 @@ def read_tensors(directory: Path, safetensors_name: str, bin_name: str | None = 
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Refuse NaN/Inf. One fused check per dtype (adapters hold hundreds of small tensors);
+    only when it fails are the tensors scanned one by one to name the culprit."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for v in tensors.values():
+        if v.is_floating_point() and v.numel():
+            groups.setdefault(v.dtype, []).append(v.reshape(-1))
+    # min/max propagate NaN and surface +-Inf; ~10x faster than isfinite(x).all() on CPU
+    if all(bool(torch.isfinite(torch.stack(torch.aminmax(torch.cat(g)))).all()) for g in groups.values()):
+        return
     for k, v in tensors.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             bad = "NaN" if torch.isnan(v).any() else "Inf"

@@ -4,14 +4,13 @@ from adapterkit.ops.lora import (
     LoraPlan,
     add_lora,
     add_lora_cpu,
-    add_lora_gather,
+    add_lora_bgmv,
     add_lora_grouped,
     add_lora_ref,
-    add_lora_slotbmm,
     lora_expand_ref,
     lora_shrink_ref,
     make_plan,
 )
 
-__all__ = ["BACKENDS", "LoraPlan", "add_lora", "add_lora_cpu", "add_lora_gather", "add_lora_grouped",
-           "add_lora_ref", "add_lora_slotbmm", "lora_expand_ref", "lora_shrink_ref", "make_plan"]
+__all__ = ["BACKENDS", "LoraPlan", "add_lora", "add_lora_cpu", "add_lora_bgmv", "add_lora_grouped",
+           "add_lora_ref", "lora_expand_ref", "lora_shrink_ref", "make_plan"]

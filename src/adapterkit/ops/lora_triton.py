@@ -17,7 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from adapterkit.ops.lora import GATHER_MAX_TOKENS_PER_ADAPTER, LoraPlan
+from adapterkit.ops.lora import LoraPlan
+
+# BGMV (one program per token) while adapters average at most this many tokens, else SGMV
+BGMV_MAX_TOKENS_PER_ADAPTER = 2
 
 
 @triton.jit
@@ -151,6 +154,6 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     """CUDA dispatch: BGMV when adapters have few tokens each (decode), SGMV otherwise."""
     if not plan.any:
         return y
-    if plan.num_tokens <= GATHER_MAX_TOKENS_PER_ADAPTER * len(plan.segments):
+    if plan.num_tokens <= BGMV_MAX_TOKENS_PER_ADAPTER * len(plan.segments):
         return bgmv(y, x, A, B, scale, plan.slots.to(y.device))
     return sgmv(y, x, A, B, scale, plan)

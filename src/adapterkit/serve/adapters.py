@@ -193,21 +193,37 @@ class AdapterStore:
 
 
 class LoraSlots:
-    """Stacked slot tensors the kernels read: weights[(layer, module)] = A (S, R, in), B (S, out, R);
-    scale (S,). Allocated per (layer, module) on first use; R grows to the largest rank loaded."""
+    """Stacked slot tensors the kernels read: weights[(layer, module)] = A (S, R, in), B (S, out, R)
+    with B stored pre-multiplied by the adapter's scaling (so kernels are called with
+    scale=None and skip that multiply); scale (S,) is 1 for a loaded slot, 0 for an empty one;
+    ranks (S,) true rank per slot (0 if empty). Allocated per (layer, module) on
+    first use; R grows to the largest rank loaded.
+
+    Memory layout follows the device's kernels: on CPU the storage is A^T (S, in, R) and B^T
+    (S, R, out) and `weights` holds transposed views (the CPU BGMV reads them as flat row
+    tables, `ops.lora.add_lora_bgmv`); elsewhere A and B are stored as shown.
+    """
 
     def __init__(self, num_slots: int, module_shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                  device: torch.device | str) -> None:
         self.num_slots, self.module_shapes, self.dtype, self.device = num_slots, module_shapes, dtype, device
+        self.transposed = torch.device(device).type == "cpu"
         self.rank = 0
         self.weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale = torch.zeros(num_slots, dtype=dtype, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self._filled: list[set[tuple[int, str]]] = [set() for _ in range(num_slots)]
+
+    def _new(self, din: int, dout: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed (A, B) with logical shapes (S, rank, din), (S, dout, rank) in this device's layout."""
+        z = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        if self.transposed:
+            return z(self.num_slots, din, rank).transpose(1, 2), z(self.num_slots, rank, dout).transpose(1, 2)
+        return z(self.num_slots, rank, din), z(self.num_slots, dout, rank)
 
     def _grow(self, rank: int) -> None:
         for key, (A, B) in self.weights.items():
-            A2 = A.new_zeros(A.shape[0], rank, A.shape[2])
-            B2 = B.new_zeros(B.shape[0], B.shape[1], rank)
+            A2, B2 = self._new(A.shape[2], B.shape[1], rank)
             A2[:, :self.rank] = A
             B2[:, :, :self.rank] = B
             self.weights[key] = (A2, B2)
@@ -221,13 +237,13 @@ class LoraSlots:
         for key, (A, B) in weights.items():
             if key not in self.weights:
                 din, dout = self.module_shapes[key[1]]
-                self.weights[key] = (torch.zeros(self.num_slots, self.rank, din, dtype=self.dtype, device=self.device),
-                                     torch.zeros(self.num_slots, dout, self.rank, dtype=self.dtype, device=self.device))
+                self.weights[key] = self._new(din, dout, self.rank)
             As, Bs = self.weights[key]
             As[slot, :ad.rank] = A.to(self.dtype)
-            Bs[slot, :, :ad.rank] = B.to(self.dtype)
+            Bs[slot, :, :ad.rank] = (B * ad.scaling).to(self.dtype)
             self._filled[slot].add(key)
-        self.scale[slot] = ad.scaling
+        self.scale[slot] = 1.0
+        self.ranks[slot] = ad.rank
 
     def clear(self, slot: int) -> None:
         for key in self._filled[slot]:
@@ -236,6 +252,7 @@ class LoraSlots:
             Bs[slot].zero_()
         self._filled[slot] = set()
         self.scale[slot] = 0
+        self.ranks[slot] = 0
 
 
 class SlotCache:

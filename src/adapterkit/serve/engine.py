@@ -9,13 +9,22 @@ use batched together in every forward pass. Implements `types.EngineProtocol`.
 A background thread runs `Scheduler.step()` while there is work; every public method is
 thread-safe (one lock; the loop holds it for one step at a time, so `abort` frees the KV
 pages of a request within one step and before it returns).
+
+One compute thread. With PyTorch's OpenMP runtime (libgomp on Linux), every thread that runs
+parallel ops keeps its own pool of worker threads, and once there are more of those than CPUs
+libgomp stops spin-waiting: each parallel op then pays a thread wake-up, which made every step
+~2x slower when the engine thread ran beside the pool the loading thread had left behind. So
+`start()` releases the calling thread's pool (`omp_pause_resource_all`) and adapter
+registration runs on the engine thread too: after start, only the engine thread computes.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import AsyncIterator, Sequence as Seq
 from typing import Any
 
@@ -40,6 +49,19 @@ from adapterkit.serve.types import (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _release_openmp_pool() -> bool:
+    """Free the calling thread's OpenMP worker pool (libgomp's `omp_pause_resource_all`), so the
+    engine thread is the only one holding workers. False where the runtime is not libgomp."""
+    try:
+        with open("/proc/self/maps") as f:
+            path = next((line.split()[-1] for line in f if "libgomp" in line and line.rstrip().endswith(".so.1")), None)
+        if path is None:
+            return False
+        return ctypes.CDLL(path).omp_pause_resource_all(1) == 0  # 1 = omp_pause_soft
+    except (OSError, AttributeError):
+        return False
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -80,22 +102,51 @@ class Engine:
         self._steps: deque[tuple[float, int]] = deque(maxlen=4000)  # (time, tokens generated)
         self.finished = self.aborted = self.generated = 0
         self._thread: threading.Thread | None = None
+        self._jobs: deque[tuple[Any, tuple, Future]] = deque()  # work for the engine thread (registration)
         if start:
             self.start()
 
     # ------------------------------------------------------------------ loop
     def start(self) -> None:
         if self._thread is None:
+            _release_openmp_pool()  # see the module doc: the engine thread is the one that computes
             self._thread = threading.Thread(target=self._loop, name="adapterkit-engine", daemon=True)
             self._thread.start()
 
+    def _on_loop(self, fn, *args):
+        """Run `fn(*args)` on the engine thread (between steps) and return its result; directly
+        when there is no engine thread or we are on it."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn(*args)
+        fut: Future = Future()
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the engine is shut down")
+            self._jobs.append((fn, args, fut))
+            self._cv.notify_all()
+        return fut.result()
+
+    def _run_jobs(self) -> None:
+        while self._jobs:
+            fn, args, fut = self._jobs.popleft()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                fut.set_exception(e)
+
     def _loop(self) -> None:
         while True:
+            self._run_jobs()  # outside the lock: adapter file I/O must not block submit/abort
             with self._cv:
-                while not self._stop and not self.scheduler.has_work():
+                while not self._stop and not self.scheduler.has_work() and not self._jobs:
                     self._cv.wait()
                 if self._stop:
+                    for _, _, fut in self._jobs:
+                        fut.set_exception(RuntimeError("the engine is shut down"))
+                    self._jobs.clear()
                     return
+                if not self.scheduler.has_work():
+                    continue
                 try:
                     n = self.scheduler.step()
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
@@ -254,7 +305,7 @@ class Engine:
     def register_adapter(self, name: str, path: Any) -> AdapterInfo:
         """`path`: an adapter directory (native or PEFT) or an in-memory object with
         .method/.config/.tensors (e.g. `adapterkit.formats.SavedAdapter`)."""
-        self.store.register(name, path)
+        self._on_loop(self.store.register, name, path)  # reads and validates on the compute thread
         return self._info(self.store.get(name))
 
     def unregister_adapter(self, name: str, wait: bool = True, timeout: float | None = None) -> None:

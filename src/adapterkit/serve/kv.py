@@ -50,5 +50,10 @@ class PagedKVCache:
         pos = torch.arange(start, end)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def row_list(self, seq_id: str, start: int, end: int) -> list[int]:
+        """`rows` as a Python list (cheaper for the one-token decode case)."""
+        table, bs = self.tables[seq_id], self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
     def num_pages(self, seq_id: str) -> int:
         return len(self.tables.get(seq_id, ()))

@@ -33,16 +33,17 @@ class StepInput:
     """One forward step over B sequences, T tokens in all (seq i owns a contiguous run).
 
     input_ids (T,), positions (T,), cache_rows (T,) pool rows where the new K/V go,
-    q_lens (B,) new tokens per seq, ctx_rows (B, C) pool rows of each seq's whole context
-    (padded with 0), ctx_lens (B,), lora_slots (T,) slot per token (-1 = base),
-    sample_rows (N,) rows of T whose logits are wanted.
+    q_lens (B,) new tokens per seq, ctx_pages (B, P) KV page ids of each seq's whole context
+    (its block table, padded with 0), ctx_lens (B,), lora_slots (T,) slot per token (-1 = base),
+    sample_rows (N,) rows of T whose logits are wanted. Sequences that decode (q_len 1) come
+    first (the scheduler packs them so); they get their own attention call without padding.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     cache_rows: torch.Tensor
     q_lens: torch.Tensor
-    ctx_rows: torch.Tensor
+    ctx_pages: torch.Tensor
     ctx_lens: torch.Tensor
     lora_slots: torch.Tensor
     sample_rows: torch.Tensor
@@ -59,10 +60,26 @@ class LayerWeights:
     w_down: torch.Tensor  # (d, ff)
 
 
+@dataclass
+class _AttnGroup:
+    """Sequences attended together in one step: tokens [start, end) of the flat batch."""
+
+    start: int
+    end: int
+    pages: torch.Tensor  # (b * P,) page ids, row-major
+    num_seqs: int
+    ctx: int  # P * block_size (keys, padded)
+    q_max: int
+    mask: torch.Tensor  # (b, 1, Qm, C) True = attend
+    seq_of: torch.Tensor | None  # (n,) sequence of each token (None: decode, one token each)
+    q_off: torch.Tensor | None  # (n,) offset of each token in its sequence's chunk
+
+
 class LoraWeightsLike:
     """What the runner reads from the adapter slots (implemented by `adapters.LoraSlots`)."""
 
-    scale: torch.Tensor  # (S,)
+    scale: torch.Tensor  # (S,) 1 for a loaded slot: B holds the adapter's scaling
+    ranks: torch.Tensor  # (S,) true rank per slot
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, module) -> A (S,R,in), B (S,out,R)
 
 
@@ -87,6 +104,7 @@ class ModelRunner:
         self.scaling = self.head_dim**-0.5
         self.nq, self.nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.ff = cfg.intermediate_size
+        self.block_size = 16  # the pool's, set on every forward
         base = model.model
         self.rotary = base.rotary_emb  # HF's own module: same rope (incl. scaling variants) as HF
         t = lambda w: w.detach().to(device=self.device, dtype=dtype)  # noqa: E731
@@ -118,34 +136,76 @@ class ModelRunner:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
 
+    def _groups(self, step: StepInput) -> list[_AttnGroup]:
+        """Split the step's sequences into a decode group (q_len 1, a leading run) and a prefill
+        group, each with its own page table and key mask, so decodes are not padded to the
+        longest prefill chunk."""
+        dev, bs = self.device, None
+        q_lens, ctx_lens = step.q_lens, step.ctx_lens
+        B = q_lens.shape[0]
+        nd = 0
+        while nd < B and int(q_lens[nd]) == 1:
+            nd += 1
+        groups = []
+        tok = 0
+        for lo, hi in ((0, nd), (nd, B)):
+            if hi == lo:
+                continue
+            ql, cl = q_lens[lo:hi], ctx_lens[lo:hi]
+            n_tok = int(ql.sum())
+            pages = step.ctx_pages[lo:hi]
+            P = int(pages.shape[1])
+            bs = bs or self.block_size
+            C = P * bs
+            q_max = int(ql.max())
+            # query i of seq b sits at position ctx_len - q_len + i and sees keys j <= that position
+            q_pos = (cl - ql).view(-1, 1) + torch.arange(q_max).view(1, q_max)  # (b, Qm)
+            mask = (torch.arange(C).view(1, 1, C) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, Qm, C)
+            if q_max == 1:
+                g = _AttnGroup(tok, tok + n_tok, pages.to(dev).reshape(-1), hi - lo, C, 1, mask.to(dev), None, None)
+            else:
+                seq_of = torch.repeat_interleave(torch.arange(hi - lo), ql)  # (n,)
+                q_off = torch.arange(n_tok) - (torch.cumsum(ql, 0) - ql)[seq_of]
+                g = _AttnGroup(tok, tok + n_tok, pages.to(dev).reshape(-1), hi - lo, C, q_max, mask.to(dev),
+                               seq_of.to(dev), q_off.to(dev))
+            groups.append(g)
+            tok += n_tok
+        return groups
+
+    def _attend(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, g: _AttnGroup) -> torch.Tensor:
+        """q (n, H, hd) of one group -> (n, nq). k_pages, v_pages: (num_pages, bs, KVH, hd)."""
+        KVH, hd, H = self.num_kv_heads, self.head_dim, self.num_heads
+        kc = k_pages.index_select(0, g.pages).view(g.num_seqs, g.ctx, KVH, hd).transpose(1, 2)  # (b, KVH, C, hd)
+        vc = v_pages.index_select(0, g.pages).view(g.num_seqs, g.ctx, KVH, hd).transpose(1, 2)
+        if g.seq_of is None:  # decode: one query per sequence, no padding
+            qp = q.view(g.num_seqs, 1, H, hd)
+        else:
+            qp = q.new_zeros(g.num_seqs, g.q_max, H, hd)
+            qp[g.seq_of, g.q_off] = q
+        att = F.scaled_dot_product_attention(qp.transpose(1, 2), kc, vc, attn_mask=g.mask, scale=self.scaling,
+                                             enable_gqa=True).transpose(1, 2)  # (b, Qm, H, hd)
+        att = att.reshape(-1, H, hd) if g.seq_of is None else att[g.seq_of, g.q_off]
+        return att.reshape(-1, self.nq)
+
     @torch.inference_mode()
     def forward(self, step: StepInput, pool: UnifiedPool, lora: LoraWeightsLike | None = None) -> torch.Tensor:
         """Run one step; writes the new K/V into `pool`; returns logits (N, V) for sample_rows."""
         dev = self.device
         ids = step.input_ids.to(dev)
         T = ids.shape[0]
-        B = step.q_lens.shape[0]
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        plan = make_plan(step.lora_slots.to(dev)) if lora is not None else None
+        nq, nkv = self.nq, self.nkv
+        self.block_size = pool.block_size
+        plan = make_plan(step.lora_slots.to(dev), ranks=lora.ranks) if lora is not None else None
         if plan is not None and not plan.any:
             plan = None
 
         # rope for every token at its own position; HF's module takes (x, position_ids (1, T))
         cos, sin = self.rotary(torch.empty(1, dtype=self.dtype, device=dev), step.positions.to(dev).view(1, T))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, hd)
-
-        # scatter map flat token -> (seq, q offset) and the attention mask, shared by all layers
-        q_max = int(step.q_lens.max())
-        seq_of = torch.repeat_interleave(torch.arange(B), step.q_lens)  # (T,)
-        starts = torch.cumsum(step.q_lens, 0) - step.q_lens  # (B,)
-        q_off = torch.arange(T) - starts[seq_of]  # (T,)
-        C = step.ctx_rows.shape[1]
-        # query i of seq b sits at position ctx_len - q_len + i and sees keys j <= that position
-        q_pos = (step.ctx_lens - step.q_lens).view(B, 1) + torch.arange(q_max).view(1, q_max)  # (B, Qm)
-        mask = torch.arange(C).view(1, 1, C) <= q_pos.unsqueeze(-1)  # (B, Qm, C)
-        mask = mask.unsqueeze(1).to(dev)  # (B, 1, Qm, C)
-        seq_of, q_off = seq_of.to(dev), q_off.to(dev)
-        cache_rows, ctx_rows = step.cache_rows.to(dev), step.ctx_rows.to(dev)
+        groups = self._groups(step)
+        cache_rows = step.cache_rows.to(dev)
+        num_pages, bs = pool.num_pages, pool.block_size
 
         x = self.embed[ids]  # (T, d)
         for li, lw in enumerate(self.layers):
@@ -155,25 +215,20 @@ class ModelRunner:
                 qkv += lw.b_qkv
             if plan is not None:
                 o = 0
-                for name, n in (("q_proj", self.nq), ("k_proj", self.nkv), ("v_proj", self.nkv)):
+                for name, n in (("q_proj", nq), ("k_proj", nkv), ("v_proj", nkv)):
                     self._lora(qkv[:, o:o + n], h, lora, li, name, plan)
                     o += n
-            q, k, v = qkv.split([self.nq, self.nkv, self.nkv], dim=-1)
-            q = q.view(T, H, hd)
-            k = k.view(T, KVH, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk = qkv[:, :nq + nkv].view(T, H + KVH, hd)
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together
+            q, k = qk.split([H, KVH], dim=1)
             k_cache, v_cache = pool.layer_kv(li)  # (rows, KVH, hd)
             k_cache[cache_rows] = k.to(k_cache.dtype)
-            v_cache[cache_rows] = v.view(T, KVH, hd).to(v_cache.dtype)
-
-            kc = k_cache[ctx_rows].transpose(1, 2)  # (B, KVH, C, hd)
-            vc = v_cache[ctx_rows].transpose(1, 2)  # (B, KVH, C, hd)
-            qp = q.new_zeros(B, q_max, H, hd)
-            qp[seq_of, q_off] = q
-            att = F.scaled_dot_product_attention(qp.transpose(1, 2), kc, vc, attn_mask=mask, scale=self.scaling,
-                                                 enable_gqa=True)  # (B, H, Qm, hd)
-            att = att.transpose(1, 2)[seq_of, q_off].reshape(T, self.nq)  # (T, nq)
+            v_cache[cache_rows] = qkv[:, nq + nkv:].view(T, KVH, hd).to(v_cache.dtype)
+            k_pages, v_pages = k_cache.view(num_pages, bs, KVH, hd), v_cache.view(num_pages, bs, KVH, hd)
+            if len(groups) == 1:
+                att = self._attend(q, k_pages, v_pages, groups[0])
+            else:
+                att = torch.cat([self._attend(q[g.start:g.end], k_pages, v_pages, g) for g in groups])  # (T, nq)
             a = att @ lw.w_o.T  # (T, d)
             if plan is not None:
                 self._lora(a, att, lora, li, "o_proj", plan)
@@ -198,7 +253,7 @@ class ModelRunner:
               plan: LoraPlan) -> None:
         w = lora.weights.get((layer, name))
         if w is not None:
-            add_lora(y, x, w[0], w[1], lora.scale, plan)
+            add_lora(y, x, w[0], w[1], None, plan)  # B is pre-scaled (LoraSlots)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

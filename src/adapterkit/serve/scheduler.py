@@ -177,7 +177,7 @@ class Scheduler:
             a, b = seq.num_computed, seq.num_computed + n
             ids += seq.all_ids[a:b]
             pos += range(a, b)
-            rows.append(self.kv.rows(seq.rid, a, b))
+            rows += self.kv.row_list(seq.rid, a, b)
             q_lens.append(n)
             ctx_lens.append(b)
             slots += [seq.slot] * n
@@ -185,11 +185,10 @@ class Scheduler:
             if b == len(seq.prompt_ids) + len(seq.out.token_ids):  # chunk reaches the end: sample
                 sample_rows.append(t - 1)
                 sample_seqs.append(seq)
-        C = max(ctx_lens)
-        ctx_rows = torch.zeros(len(batch), C, dtype=torch.int64)
-        for i, (seq, _) in enumerate(batch):
-            ctx_rows[i, :ctx_lens[i]] = self.kv.rows(seq.rid, 0, ctx_lens[i])
-        step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.cat(rows), torch.tensor(q_lens), ctx_rows,
+        tables = [self.kv.tables[seq.rid] for seq, _ in batch]
+        P = max(len(t) for t in tables)
+        ctx_pages = torch.tensor([t + [0] * (P - len(t)) for t in tables], dtype=torch.int64)
+        step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(rows), torch.tensor(q_lens), ctx_pages,
                          torch.tensor(ctx_lens), torch.tensor(slots, dtype=torch.int64),
                          torch.tensor(sample_rows, dtype=torch.int64))
         logits = self.runner.forward(step, self.kv.pool, self.cache.slots)
