@@ -5,7 +5,6 @@ import asyncio
 import random
 
 import pytest
-import torch
 from _engine_utils import hf_greedy, make_lora, merged_copy
 from conftest import tiny_llama
 

@@ -35,10 +35,10 @@ def test_kv_rows_map_positions_to_pages():
     assert kv.ensure("a", 8) and kv.num_pages("a") == 2  # still fits
     assert kv.ensure("a", 9) and kv.num_pages("a") == 3
     t = kv.tables["a"]
-    rows = kv.rows("a", 0, 9)
+    rows = torch.tensor(kv.rows("a", 0, 9))
     want = [t[p // 4] * 4 + p % 4 for p in range(9)]
     assert rows.tolist() == want
-    assert len(set(rows.tolist()) & set(kv.rows("b", 0, 1).tolist())) == 0
+    assert len(set(rows.tolist()) & set(kv.rows("b", 0, 1))) == 0
     assert not kv.ensure("c", 100)
     assert kv.num_pages("c") == 0
     assert kv.free("a") == 3 and pool.used("kv") == 1 and kv.free("a") == 0

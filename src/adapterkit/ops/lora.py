@@ -35,7 +35,7 @@ import torch.nn.functional as F
 # CPU: a run of at least this many consecutive tokens on one adapter (a prefill chunk) is done
 # as two matmuls on slices; shorter runs (decode tokens) go through BGMV. Measured on 2 cores
 # at SmolLM2 widths with benchmarks/lora_ops.py (fp32 and bf16; see docs/benchmarks.md).
-LONG_RUN = 16
+LONG_RUN = 64
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from adapterkit.serve.pool import UnifiedPool
 
 
@@ -44,14 +42,9 @@ class PagedKVCache:
             self.pool.free(pages, "kv")
         return len(pages)
 
-    def rows(self, seq_id: str, start: int, end: int) -> torch.Tensor:
-        """Pool rows of positions [start, end) of `seq_id`: (end - start,) int64."""
-        table = torch.tensor(self.tables[seq_id], dtype=torch.int64)
-        pos = torch.arange(start, end)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def row_list(self, seq_id: str, start: int, end: int) -> list[int]:
-        """`rows` as a Python list (cheaper for the one-token decode case)."""
+    def rows(self, seq_id: str, start: int, end: int) -> list[int]:
+        """Pool rows of positions [start, end) of `seq_id` (a list: the scheduler builds one step's
+        rows from these with plain Python, cheaper than tensor ops for one-token decodes)."""
         table, bs = self.tables[seq_id], self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 

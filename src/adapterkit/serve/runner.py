@@ -104,7 +104,6 @@ class ModelRunner:
         self.scaling = self.head_dim**-0.5
         self.nq, self.nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.ff = cfg.intermediate_size
-        self.block_size = 16  # the pool's, set on every forward
         base = model.model
         self.rotary = base.rotary_emb  # HF's own module: same rope (incl. scaling variants) as HF
         t = lambda w: w.detach().to(device=self.device, dtype=dtype)  # noqa: E731
@@ -136,15 +135,17 @@ class ModelRunner:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
 
-    def _groups(self, step: StepInput) -> list[_AttnGroup]:
+    def _groups(self, step: StepInput, bs: int) -> list[_AttnGroup]:
         """Split the step's sequences into a decode group (q_len 1, a leading run) and a prefill
-        group, each with its own page table and key mask, so decodes are not padded to the
-        longest prefill chunk."""
-        dev, bs = self.device, None
+        group, each with its own page table (trimmed to its longest context) and key mask, so
+        decodes are not padded to the longest prefill chunk. bs: tokens per KV page."""
+        dev = self.device
         q_lens, ctx_lens = step.q_lens, step.ctx_lens
         B = q_lens.shape[0]
         nd = 0
-        while nd < B and int(q_lens[nd]) == 1:
+        for n in q_lens.tolist():
+            if n != 1:
+                break
             nd += 1
         groups = []
         tok = 0
@@ -153,9 +154,8 @@ class ModelRunner:
                 continue
             ql, cl = q_lens[lo:hi], ctx_lens[lo:hi]
             n_tok = int(ql.sum())
-            pages = step.ctx_pages[lo:hi]
-            P = int(pages.shape[1])
-            bs = bs or self.block_size
+            P = -(-int(cl.max()) // bs)  # pages of the longest context in the group
+            pages = step.ctx_pages[lo:hi, :P]
             C = P * bs
             q_max = int(ql.max())
             # query i of seq b sits at position ctx_len - q_len + i and sees keys j <= that position
@@ -195,7 +195,6 @@ class ModelRunner:
         T = ids.shape[0]
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         nq, nkv = self.nq, self.nkv
-        self.block_size = pool.block_size
         plan = make_plan(step.lora_slots.to(dev), ranks=lora.ranks) if lora is not None else None
         if plan is not None and not plan.any:
             plan = None
@@ -203,7 +202,7 @@ class ModelRunner:
         # rope for every token at its own position; HF's module takes (x, position_ids (1, T))
         cos, sin = self.rotary(torch.empty(1, dtype=self.dtype, device=dev), step.positions.to(dev).view(1, T))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, hd)
-        groups = self._groups(step)
+        groups = self._groups(step, pool.block_size)
         cache_rows = step.cache_rows.to(dev)
         num_pages, bs = pool.num_pages, pool.block_size
 

@@ -177,7 +177,7 @@ class Scheduler:
             a, b = seq.num_computed, seq.num_computed + n
             ids += seq.all_ids[a:b]
             pos += range(a, b)
-            rows += self.kv.row_list(seq.rid, a, b)
+            rows += self.kv.rows(seq.rid, a, b)
             q_lens.append(n)
             ctx_lens.append(b)
             slots += [seq.slot] * n
