@@ -67,10 +67,6 @@ class LoraPlan:
     def num_tokens(self) -> int:
         return int(self.slots.shape[0])
 
-    @property
-    def num_valid(self) -> int:
-        return 0 if self.valid is None else int(self.valid.shape[0])
-
 
 def make_plan(slots: torch.Tensor, ranks: torch.Tensor | None = None) -> LoraPlan:
     """Sort tokens by slot and find long runs, once per step. slots: (T,) int64 in [-1, S);
@@ -157,9 +153,9 @@ def _bgmv_index(plan: LoraPlan, tokens: torch.Tensor, din: int, R: int) -> tuple
     every layer. Shrink bag of token i: rows s_i * in + [0, in) of A^T viewed (S * in, R),
     weighted by x[i]. Expand bag of token i: rows s_i * R + [0, r_i) of B^T viewed (S * R, out),
     weighted by h[i] (r_i = the slot's true rank when the plan knows it)."""
-    key = ("bgmv", tokens.data_ptr(), din, R)
+    key = ("bgmv", id(tokens), din, R)
     got = plan.memo.get(key)
-    if got is None:
+    if got is None or got[0] is not tokens:
         dev = plan.slots.device
         s = plan.slots[tokens]  # (n,)
         n = s.shape[0]
@@ -169,9 +165,9 @@ def _bgmv_index(plan: LoraPlan, tokens: torch.Tensor, din: int, R: int) -> tuple
         off = torch.cumsum(rk, 0) - rk
         tok = torch.repeat_interleave(torch.arange(n, device=dev), rk)
         within = torch.arange(tok.shape[0], device=dev) - off[tok]
-        got = (s, shrink_idx, shrink_off, s[tok] * R + within, off, tok * R + within)
-        plan.memo[key] = got
-    return got
+        got = (tokens, s, shrink_idx, shrink_off, s[tok] * R + within, off, tok * R + within)
+        plan.memo[key] = got  # holds `tokens`, so its id cannot be reused while the plan lives
+    return got[1:]
 
 
 def _flat_tables(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
