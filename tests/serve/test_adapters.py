@@ -134,6 +134,25 @@ def test_slot_reuse_leaves_no_stale_weights(model, shapes):
     assert slots.rank == 4  # grown to the largest rank seen
 
 
+def test_slot_reuse_by_a_lower_rank_adapter_zeroes_the_rows_past_its_rank(model, shapes):
+    """A rank-2 adapter loaded where a rank-4 one sat on the same modules: its rows, the old
+    adapter's rows 2..3 zeroed, B holding the scaling; the other modules of the old one zeroed."""
+    st = AdapterStore(shapes, 2, max_rank=8)
+    st.register("big", make_lora(model, 4, ("q_proj", "v_proj"), seed=0))
+    st.register("small", make_lora(model, 2, ("q_proj",), seed=1, alpha=6.0))
+    slots = LoraSlots(1, shapes, torch.float32, "cpu")
+    slots.set(0, st.get("big"), st.weights("big"))
+    slots.set(0, st.get("small"), st.weights("small"))
+    A, B = slots.weights[(0, "q_proj")]
+    A2, B2 = st.get("small").weights[(0, "q_proj")]
+    assert torch.equal(A[0, :2], A2) and (A[0, 2:] == 0).all()
+    torch.testing.assert_close(B[0, :, :2], B2 * 3.0)  # alpha / r = 6 / 2
+    assert (B[0, :, 2:] == 0).all()
+    Av, Bv = slots.weights[(0, "v_proj")]
+    assert (Av[0] == 0).all() and (Bv[0] == 0).all()
+    assert int(slots.ranks[0]) == 2 and float(slots.scale[0]) == 1.0
+
+
 def test_nan_file_on_disk_is_refused(model, tmp_path):
     from safetensors.torch import save_file
 

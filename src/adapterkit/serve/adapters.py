@@ -230,18 +230,28 @@ class LoraSlots:
         self.rank = rank
 
     def set(self, slot: int, ad: HostAdapter, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy an adapter into `slot` (zero padded to R; modules it does not adapt zeroed)."""
+        """Copy an adapter into `slot` (zero padded to R; modules it does not adapt zeroed).
+        Zeroes only what the previous occupant leaves behind: its modules this adapter lacks,
+        and its rank rows past this adapter's rank."""
         if ad.rank > self.rank:
             self._grow(ad.rank)
-        self.clear(slot)
+        old_rank, old_keys = int(self.ranks[slot]), self._filled[slot]
+        for key in old_keys - weights.keys():
+            As, Bs = self.weights[key]
+            As[slot].zero_()
+            Bs[slot].zero_()
+        r = ad.rank
         for key, (A, B) in weights.items():
             if key not in self.weights:
                 din, dout = self.module_shapes[key[1]]
                 self.weights[key] = self._new(din, dout, self.rank)
             As, Bs = self.weights[key]
-            As[slot, :ad.rank] = A.to(self.dtype)
-            Bs[slot, :, :ad.rank] = (B * ad.scaling).to(self.dtype)
-            self._filled[slot].add(key)
+            As[slot, :r] = A.to(self.dtype)
+            Bs[slot, :, :r] = (B * ad.scaling).to(self.dtype)
+            if key in old_keys and old_rank > r:
+                As[slot, r:old_rank].zero_()
+                Bs[slot, :, r:old_rank].zero_()
+        self._filled[slot] = set(weights)
         self.scale[slot] = 1.0
         self.ranks[slot] = ad.rank
 
