@@ -15,6 +15,7 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.errors import ConfigError, NotMergeableError, TargetNotFoundError
 from adapterkit.methods import BottleneckConfig
+from _method_checks import assert_mixed_batch_rows_match, replace_module
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 ACT = {"relu": F.relu, "swish": F.silu, "gelu": F.gelu, "tanh": torch.tanh}
@@ -68,11 +69,6 @@ class PostLN(nn.Module):
         return ln(h + a(r) + r)  # parallel
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
 def _sites(model, name):
     return list(ak.api.get_record(model, name).pieces)
 
@@ -102,8 +98,8 @@ def test_pre_ln_placements_match_reference(mode, arch, ids):
     else:
         assert sites == want
     for s in sites:
-        _replace(ref, s, Series(ref.get_submodule(s), piece_params(model, "a", s), ACT[cfg.non_linearity],
-                                cfg.scaling, parallel=mode == "parallel"))
+        replace_module(ref, s, Series(ref.get_submodule(s), piece_params(model, "a", s), ACT[cfg.non_linearity],
+                                      cfg.scaling, parallel=mode == "parallel"))
     got, exp = model(ids).logits, ref(ids).logits
     assert not torch.allclose(got, base, atol=1e-3)  # the adapter does change the output
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
@@ -121,8 +117,8 @@ def test_vit_houlsby_and_parallel_match_reference():
         sites = _sites(model, "a")
         assert len(sites) == (4 if mode == "houlsby" else 2)
         for s in sites:
-            _replace(ref, s, Series(ref.get_submodule(s), piece_params(model, "a", s), F.gelu, 2.0,
-                                    parallel=mode == "parallel"))
+            replace_module(ref, s, Series(ref.get_submodule(s), piece_params(model, "a", s), F.gelu, 2.0,
+                                          parallel=mode == "parallel"))
         torch.testing.assert_close(model(pixel_values=px).logits, ref(pixel_values=px).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -149,8 +145,8 @@ def test_bert_post_ln_placements_match_reference(kw, kind, sub, ids):
     n_attn = sum(b.endswith("attention.output") for b in blocks)
     assert len(blocks) == (4 if cfg.mode == "houlsby" else 2) and n_attn == (2 if cfg.mode == "houlsby" else 0)
     for s, b in zip(sites, blocks):
-        _replace(ref, b, PostLN(ref.get_submodule(b), piece_params(model, "a", s), ACT[cfg.non_linearity],
-                                cfg.scaling, kind))
+        replace_module(ref, b, PostLN(ref.get_submodule(b), piece_params(model, "a", s), ACT[cfg.non_linearity],
+                                      cfg.scaling, kind))
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0
     got = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -170,7 +166,7 @@ def test_bert_houlsby_sits_after_dropout_in_training(ids):
     randomize_adapters(model)
     for s in _sites(model, "a"):
         b = s[: -len(".dropout")]
-        _replace(ref, b, PostLN(ref.get_submodule(b), piece_params(model, "a", s), F.silu, 1.0, "houlsby"))
+        replace_module(ref, b, PostLN(ref.get_submodule(b), piece_params(model, "a", s), F.silu, 1.0, "houlsby"))
     model.train(), ref.train()
     torch.manual_seed(7)
     got = model(input_ids=ids).last_hidden_state
@@ -217,12 +213,7 @@ def test_mixed_batch_equals_rows_alone(arch, kw, ids):
     ak.add_adapter(model, "b", BottleneckConfig(**{**kw, "bottleneck_size": 3}))
     randomize_adapters(model)
     names = ["b", None, "a"]
-    with ak.adapter_batch(model, names):
-        mixed = model(ids)[0]
-    for i, n in enumerate(names):
-        ak.set_adapter(model, n)
-        alone = model(ids[i: i + 1])[0]
-        torch.testing.assert_close(mixed[i: i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_mixed_batch_rows_match(model, ids, names)
 
 
 def test_trainable_counts_closed_form():
@@ -254,7 +245,7 @@ def test_learned_scaling_is_a_trainable_scalar(ids):
                 assert p.shape == (1,)
                 p.fill_(2.5)
     for s in _sites(m, "a"):
-        _replace(ref, s, Series(ref.get_submodule(s), piece_params(m, "a", s), F.relu, None, parallel=True))
+        replace_module(ref, s, Series(ref.get_submodule(s), piece_params(m, "a", s), F.relu, None, parallel=True))
     torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -362,5 +353,5 @@ def test_parallel_on_a_linear_host_llm_adapters_style(ids):
     randomize_adapters(m)
     assert ak.trainable_parameters(m, "a") == 2 * ((128 * 8 + 8) + (8 * 64 + 64))
     for s in _sites(m, "a"):
-        _replace(ref, s, Series(ref.get_submodule(s), piece_params(m, "a", s), torch.tanh, 1.5, parallel=True))
+        replace_module(ref, s, Series(ref.get_submodule(s), piece_params(m, "a", s), torch.tanh, 1.5, parallel=True))
     torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ import adapterkit as ak
 from adapterkit.errors import ConfigError, NotMergeableError
 from adapterkit.methods import BottleneckConfig, CompacterConfig
 from adapterkit.methods.compacter import PHMLinear, PHMRule, kron_sum
+from _method_checks import assert_fresh_adapter_is_identity, assert_mixed_batch_rows_match
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "vit": tiny_vit}
@@ -131,9 +132,7 @@ def test_bottleneck_rounds_to_multiple_of_phm_dim():
 
 def test_fresh_adapter_is_identity_and_gradients(ids):
     m = tiny_gpt2()
-    base = m(ids).logits
-    ak.add_adapter(m, "a", CompacterConfig(reduction_factor=8))
-    torch.testing.assert_close(m(ids).logits, base, rtol=0, atol=0)
+    assert_fresh_adapter_is_identity(m, ids, CompacterConfig(reduction_factor=8))
     m(ids).logits.pow(2).mean().backward()
     for n, p in m.named_parameters():
         if ".adapterkit.a." in f".{n}":
@@ -170,11 +169,7 @@ def test_mixed_batch_equals_rows_alone(ids):
     ak.add_adapter(m, "b", CompacterConfig(mode="compacter++", phm_dim=2, reduction_factor=4))
     randomize_adapters(m)
     names = ["b", None, "a", "a"]
-    with ak.adapter_batch(m, names):
-        mixed = m(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(m, n)
-        torch.testing.assert_close(mixed[i: i + 1], m(ids[i: i + 1]).logits, rtol=1e-5, atol=1e-5)
+    assert_mixed_batch_rows_match(m, ids, names)
 
 
 def test_errors(llama):

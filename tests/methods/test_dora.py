@@ -8,9 +8,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adapterkit as ak
-from adapterkit.api import adapter_state_dict, get_record
+from adapterkit.api import get_record
 from adapterkit.errors import ConfigError
 from adapterkit.methods import DoRAConfig
+from _method_checks import assert_base_restored, base_weights, peft_lora_state_dict
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -162,16 +163,14 @@ def test_merge_matches_and_unmerge_restores_exactly(family):
         def run():
             return model(ids).logits
     randomize_adapters(model, std=0.1)
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
+    base = base_weights(model)
     with torch.no_grad():
         y = run()
         ak.merge(model, "d")
         assert (run() - y).abs().max() <= 1e-4
         ak.unmerge(model, "d")
         assert (run() - y).abs().max() <= 1e-5
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.equal(v, base[k]), k
+    assert_base_restored(model, base)
     assert "_w_before_merge" not in dict(piece(model, "d", next(iter(get_record(model, "d").pieces))).named_buffers())
 
 
@@ -258,12 +257,7 @@ def test_outputs_match_peft_dora():
     randomize_adapters(ours, std=0.2)
     pm = peft.get_peft_model(theirs, peft.LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True,
                                                      init_lora_weights=False))
-    sd = {}
-    for k, v in adapter_state_dict(ours, "x").items():
-        mod, par = k.rsplit(".", 1)
-        suffix = "" if par.startswith("lora_embedding") else ".weight"
-        sd[f"base_model.model.{mod}.{par}.default{suffix}"] = v
-    assert not pm.load_state_dict(sd, strict=False).unexpected_keys
+    assert not pm.load_state_dict(peft_lora_state_dict(ours, "x"), strict=False).unexpected_keys
     ids, img = toy_inputs()
     with torch.no_grad():
         assert torch.allclose(ours(ids, img), pm(ids, img), atol=1e-5)

@@ -9,6 +9,7 @@ import adapterkit as ak
 from adapterkit.api import get_record
 from adapterkit.errors import ConfigError
 from adapterkit.methods.hydra import HydraConfig
+from _method_checks import assert_base_restored, assert_merge_round_trip
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -64,24 +65,14 @@ def test_merge_unmerge_exact_and_with_lora_merged_between():
     ak.add_adapter(model, "h", HydraConfig(r=2, targets=["c_attn", "c_proj"]))
     ak.add_adapter(model, "l", ak.LoRAConfig(r=2, init="random", targets=["c_attn"]))
     randomize_adapters(model, std=0.05)
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
     ak.set_adapter(model, "h")
-    with torch.no_grad():
-        y = model(ids).logits
-        ak.merge(model, "h")
-        assert (model(ids).logits - y).abs().max() < 1e-4
-        ak.unmerge(model, "h")
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.equal(v, base[k]), k
+    _, base = assert_merge_round_trip(model, "h", ids)
     ak.set_adapter(model, ["h", "l"])
     ak.merge(model, "h")
     ak.merge(model, "l")
     ak.unmerge(model, "h")  # not the reverse order: takes back only its own change
     ak.unmerge(model, "l")
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.allclose(v, base[k], atol=1e-6), k
+    assert_base_restored(model, base, atol=1e-6)
 
 
 def test_trainable_count_closed_form_and_save_load(tmp_path):

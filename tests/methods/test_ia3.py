@@ -12,6 +12,8 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.errors import ConfigError, NotMergeableError, TargetNotFoundError
 from adapterkit.methods import IA3Config
+from _method_checks import (adapter_pieces, assert_fresh_adapter_is_identity, assert_mixed_batch_rows_match,
+                            random_biases, replace_module)
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
@@ -36,25 +38,6 @@ class Scaled(nn.Module):
         return lin(x * self.l) if self.ff else lin(x) * self.l
 
 
-def _random_biases(model: nn.Module) -> nn.Module:
-    """The tiny models start with zero biases: make them random so that bias scaling is tested."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
-def _pieces(model, name="a"):
-    return ak.api.get_record(model, name).pieces
-
-
 @pytest.fixture
 def ids():
     torch.manual_seed(123)
@@ -63,13 +46,13 @@ def ids():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_default_targets_shapes_and_reference(arch, ids):
-    model = _random_biases(MAKERS[arch]())
+    model = random_biases(MAKERS[arch]())
     ref = copy.deepcopy(model)
     base = model(ids)[0]
     ak.add_adapter(model, "a", IA3Config())
     randomize_adapters(model)
     out_sfx, in_sfx = DEFAULTS[arch]
-    pieces = _pieces(model)
+    pieces = adapter_pieces(model)
     for host, piece in pieces.items():
         ff = any(host.endswith("." + s) for s in in_sfx)
         assert ff or any(host.endswith("." + s) for s in out_sfx), host
@@ -77,7 +60,7 @@ def test_default_targets_shapes_and_reference(arch, ids):
         out_f, in_f = (mod.out_features, mod.in_features) if isinstance(mod, nn.Linear) else mod.weight.shape[::-1]
         assert piece.ia3_l.shape == ((1, in_f) if ff else (out_f, 1))
         assert f"{host}.adapterkit.a.ia3_l" in model.state_dict()
-        _replace(ref, host, Scaled(mod, piece.ia3_l.detach().clone(), ff))
+        replace_module(ref, host, Scaled(mod, piece.ia3_l.detach().clone(), ff))
     n_layers = 2
     assert len(pieces) == n_layers * (len(out_sfx) + len(in_sfx) + (1 if arch == "bert" else 0))  # bert: 2 x output.dense
     got, exp = model(ids)[0], ref(ids)[0]
@@ -90,22 +73,19 @@ def test_vit_defaults():
     px = torch.randn(2, 3, 32, 32)
     m = tiny_vit()
     ak.add_adapter(m, "a", IA3Config())
-    kinds = {h.rsplit(".", 1)[-1]: type(p).__name__ for h, p in _pieces(m).items()}
+    kinds = {h.rsplit(".", 1)[-1]: type(p).__name__ for h, p in adapter_pieces(m).items()}
     assert kinds == {"k_proj": "IA3Out", "v_proj": "IA3Out", "fc2": "IA3In"}
     assert m(pixel_values=px).logits.shape == (2, 5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_fresh_adapter_is_identity(arch, ids):
-    m = MAKERS[arch]()
-    base = m(ids)[0]
-    ak.add_adapter(m, "a", IA3Config())
-    torch.testing.assert_close(m(ids)[0], base, rtol=0, atol=0)
+    assert_fresh_adapter_is_identity(MAKERS[arch](), ids, IA3Config())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_merge_unmerge(arch, ids):
-    m = _random_biases(MAKERS[arch]())
+    m = random_biases(MAKERS[arch]())
     orig = {k: v.clone() for k, v in m.state_dict().items()}
     ak.add_adapter(m, "a", IA3Config())
     randomize_adapters(m)
@@ -135,7 +115,7 @@ def test_merge_refuses_zero_vector(llama):
     ak.add_adapter(llama, "a", IA3Config(targets=["k_proj"]))
     before = llama.model.layers[0].self_attn.k_proj.weight.clone()
     with torch.no_grad():
-        _pieces(llama)["model.layers.1.self_attn.k_proj"].ia3_l[3, 0] = 0.0
+        adapter_pieces(llama)["model.layers.1.self_attn.k_proj"].ia3_l[3, 0] = 0.0
     with pytest.raises(NotMergeableError, match="zeros"):
         ak.merge(llama, "a")
     torch.testing.assert_close(llama.model.layers[0].self_attn.k_proj.weight, before, rtol=0, atol=0)
@@ -147,11 +127,7 @@ def test_mixed_batch_equals_rows_alone(ids):
     ak.add_adapter(m, "b", IA3Config(targets=["c_fc", "attn.c_proj"], feedforward_targets=["attn.c_proj"]))
     randomize_adapters(m)
     names = ["a", None, "b"]
-    with ak.adapter_batch(m, names):
-        mixed = m(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(m, n)
-        torch.testing.assert_close(mixed[i: i + 1], m(ids[i: i + 1]).logits, rtol=1e-5, atol=1e-5)
+    assert_mixed_batch_rows_match(m, ids, names)
 
 
 def test_trainable_counts_closed_form():
@@ -245,14 +221,14 @@ def test_peft_files_round_trip(ids, tmp_path):
     pm.save_pretrained(str(tmp_path / "from_peft"))
     fresh = tiny_llama()
     ak.load_adapter(fresh, tmp_path / "from_peft", name="b")
-    kinds = {h.rsplit(".", 1)[-1]: type(p).__name__ for h, p in _pieces(fresh, "b").items()}
+    kinds = {h.rsplit(".", 1)[-1]: type(p).__name__ for h, p in adapter_pieces(fresh, "b").items()}
     assert kinds == {"k_proj": "IA3Out", "v_proj": "IA3Out", "down_proj": "IA3In"}
     torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_model_to_dtype_after_attach(ids):
     """Moving/casting the model after attaching casts the vectors too (and stays correct)."""
-    m = _random_biases(tiny_gpt2())
+    m = random_biases(tiny_gpt2())
     ak.add_adapter(m, "a", IA3Config())
     randomize_adapters(m)
     want = m(ids).logits

@@ -11,15 +11,12 @@ import adapterkit as ak
 from adapterkit.errors import ConfigError, NotMergeableError, TargetNotFoundError, UnsupportedModuleError
 from adapterkit.methods import InvertibleConfig
 from adapterkit.methods.invertible import NICECoupling, NICEInverse
+from _method_checks import adapter_pieces, assert_fresh_adapter_is_identity, assert_mixed_batch_rows_match
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 
-def _pieces(model, name="a"):
-    return ak.api.get_record(model, name).pieces
-
-
 def _block(model, name="a") -> NICECoupling:
-    return next(p for p in _pieces(model, name).values() if isinstance(p, NICECoupling))
+    return next(p for p in adapter_pieces(model, name).values() if isinstance(p, NICECoupling))
 
 
 def ref_coupling(block: NICECoupling, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -58,9 +55,9 @@ def test_inverse_of_forward_is_identity_and_matches_reference(dim):
 def test_lm_matches_manual_embed_coupling_body_inverse_head(arch, ids):
     m = tiny_llama() if arch == "llama" else tiny_gpt2()
     ak.add_adapter(m, "a", InvertibleConfig())
-    emb_path, head_path = list(_pieces(m))
+    emb_path, head_path = list(adapter_pieces(m))
     assert head_path == "lm_head" and emb_path.endswith(("embed_tokens", "wte"))
-    assert isinstance(_pieces(m)[head_path], NICEInverse)
+    assert isinstance(adapter_pieces(m)[head_path], NICEInverse)
     randomize_adapters(m, std=0.2)
     got = m(ids).logits
     block = _block(m)
@@ -76,10 +73,7 @@ def test_lm_matches_manual_embed_coupling_body_inverse_head(arch, ids):
 
 
 def test_fresh_adapter_is_identity(ids):
-    m = tiny_gpt2()
-    base = m(ids).logits
-    ak.add_adapter(m, "a", InvertibleConfig())
-    torch.testing.assert_close(m(ids).logits, base, rtol=0, atol=0)
+    assert_fresh_adapter_is_identity(tiny_gpt2(), ids, InvertibleConfig())
 
 
 def test_gradient_flows_through_both_pieces(ids):
@@ -95,7 +89,7 @@ def test_gradient_flows_through_both_pieces(ids):
     m2 = tiny_llama()
     ak.add_adapter(m2, "a", InvertibleConfig(head=False))
     randomize_adapters(m2, std=0.2)
-    assert list(_pieces(m2)) == ["model.embed_tokens"]
+    assert list(adapter_pieces(m2)) == ["model.embed_tokens"]
     m2(ids).logits.pow(2).mean().backward()
     n0 = "model.embed_tokens.adapterkit.a.F.down.weight"
     assert not torch.allclose(m2.get_parameter(n0).grad, grads[n0])
@@ -122,13 +116,13 @@ def test_closed_form_count_and_saved_once(ids, tmp_path):
     ak.load_adapter(fresh, tmp_path / "inv", name="a")
     assert ak.get_adapter_config(fresh, "a") == ak.get_adapter_config(m, "a")
     torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
-    assert _pieces(fresh)["lm_head"]._block is _block(fresh)
+    assert adapter_pieces(fresh)["lm_head"]._block is _block(fresh)
 
 
 def test_encoders_and_vision(ids):
     b = tiny_bert()  # BertModel: no output embeddings, so no inverse
     ak.add_adapter(b, "a", InvertibleConfig())
-    assert list(_pieces(b)) == ["embeddings.word_embeddings"]
+    assert list(adapter_pieces(b)) == ["embeddings.word_embeddings"]
     ak.add_adapter(b, "w", InvertibleConfig(targets=["embeddings"]))  # AdapterHub's site: the whole block
     randomize_adapters(b)
     ak.set_adapter(b, "w")
@@ -139,7 +133,7 @@ def test_encoders_and_vision(ids):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     v = tiny_vit()
     ak.add_adapter(v, "a", InvertibleConfig())
-    assert list(_pieces(v)) == ["vit.embeddings.patch_embeddings"]
+    assert list(adapter_pieces(v)) == ["vit.embeddings.patch_embeddings"]
     assert v(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 5)
 
 
@@ -149,11 +143,7 @@ def test_mixed_batch_equals_rows_alone(ids):
     ak.add_adapter(m, "b", InvertibleConfig(non_linearity="gelu"))
     randomize_adapters(m, std=0.2)
     names = ["a", None, "b", "a"]
-    with ak.adapter_batch(m, names):
-        mixed = m(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(m, n)
-        torch.testing.assert_close(mixed[i: i + 1], m(ids[i: i + 1]).logits, rtol=1e-5, atol=1e-5)
+    assert_mixed_batch_rows_match(m, ids, names)
 
 
 def test_errors(llama):

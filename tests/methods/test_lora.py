@@ -11,9 +11,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import adapterkit as ak
-from adapterkit.api import adapter_state_dict, get_record
+from adapterkit.api import get_record
 from adapterkit.errors import ConfigError, NotMergeableError, UnsupportedModuleError
 from adapterkit.methods.lora import export
+from _method_checks import assert_mixed_batch_rows_match, base_weights, peft_lora_state_dict
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 
@@ -184,7 +185,7 @@ def test_bias_merge_into_biasless_host_refused_without_touching_it():
 
 # -- merge / unmerge on every host type and model family --------------------------------
 def _merge_roundtrip(model, run, name="a"):
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
+    base = base_weights(model)
     with torch.no_grad():
         y = run()
         ak.merge(model, name)
@@ -378,13 +379,8 @@ def test_mixed_batch_matches_per_adapter_runs():
     randomize_adapters(model)
     ids = torch.randint(0, 128, (4, 5))
     names = ["a", None, "b", "a"]
-    with torch.no_grad(), ak.adapter_batch(model, names):
-        mixed = model(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(model, n)
-        with torch.no_grad():
-            single = model(ids[i:i + 1]).logits
-        assert torch.allclose(mixed[i], single[0], atol=1e-5), (i, n)
+    with torch.no_grad():
+        assert_mixed_batch_rows_match(model, ids, names)
 
 
 # -- matches PEFT (same tensors, same outputs: interop is a key rename) -------------------
@@ -395,12 +391,7 @@ def test_outputs_match_peft():
     ak.add_adapter(ours, "x", ak.LoRAConfig(r=2, alpha=3, bias=False, init="random", targets=targets))
     pm = peft.get_peft_model(theirs, peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets,
                                                      init_lora_weights=False))
-    sd = {}
-    for k, v in adapter_state_dict(ours, "x").items():
-        mod, par = k.rsplit(".", 1)
-        suffix = "" if par.startswith("lora_embedding") else ".weight"
-        sd[f"base_model.model.{mod}.{par}.default{suffix}"] = v
-    res = pm.load_state_dict(sd, strict=False)
+    res = pm.load_state_dict(peft_lora_state_dict(ours, "x"), strict=False)
     assert not res.unexpected_keys
     ids, img = toy_inputs()
     with torch.no_grad():

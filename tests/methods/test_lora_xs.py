@@ -11,8 +11,9 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.api import get_record
-from adapterkit.errors import ConfigError, UnsupportedModuleError
+from adapterkit.errors import ConfigError
 from adapterkit.methods.lora_xs import LoRAXSConfig
+from _method_checks import assert_merge_round_trip, assert_mixed_batch_rows_match, assert_rank_and_embedding_errors
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -44,15 +45,7 @@ def test_conv1d_host_and_merge_roundtrip():
     W = model.transformer.h[0].attn.c_attn.weight.T  # (out, in)
     U, S, Vh = torch.linalg.svd(W.detach())
     assert torch.allclose(p.lora_B @ p.lora_A, U[:, :4] * S[:4] @ Vh[:4], atol=1e-4)
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
-    with torch.no_grad():
-        y = model(ids).logits
-        ak.merge(model, "xs")
-        assert (model(ids).logits - y).abs().max() < 1e-4
-        ak.unmerge(model, "xs")
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.allclose(v, base[k], atol=1e-6), k
+    assert_merge_round_trip(model, "xs", ids, restore_atol=1e-6)
 
 
 def test_trainable_count_is_r_squared_per_target_and_only_R_gets_gradients():
@@ -90,12 +83,8 @@ def test_mixed_batch_rows_match_single_runs():
     randomize_adapters(model, std=0.3)
     ids = torch.randint(0, 128, (3, 5))
     names = ["a", None, "b"]
-    with torch.no_grad(), ak.adapter_batch(model, names):
-        mixed = model(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(model, n)
-        with torch.no_grad():
-            assert torch.allclose(mixed[i], model(ids[i:i + 1]).logits[0], atol=1e-5)
+    with torch.no_grad():
+        assert_mixed_batch_rows_match(model, ids, names)
 
 
 def test_config_and_target_errors():
@@ -103,9 +92,4 @@ def test_config_and_target_errors():
         LoRAXSConfig(r=0)
     with pytest.raises(ConfigError, match="alpha"):
         LoRAXSConfig(alpha=-1.0)
-    m = nn.Sequential(nn.Linear(4, 3), nn.Embedding(5, 4))
-    with pytest.raises(ConfigError, match="r=4 exceeds"):
-        ak.add_adapter(m, "x", LoRAXSConfig(r=4, targets=["0"]))
-    with pytest.raises(UnsupportedModuleError, match="Embedding"):
-        ak.add_adapter(m, "x", LoRAXSConfig(r=2, targets=["1"]))
-    assert ak.list_adapters(m) == []
+    assert_rank_and_embedding_errors(LoRAXSConfig, too_big_r=4, match="r=4 exceeds")

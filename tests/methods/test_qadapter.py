@@ -16,6 +16,7 @@ from adapterkit.errors import ConfigError, NotMergeableError
 from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.qadapter import QAdapterConfig
 from adapterkit.quant import dequantize_normal_reference, quantize_normal_reference, unpack_bits
+from _method_checks import assert_mixed_batch_rows_match
 from conftest import randomize_adapters, tiny_bert, tiny_llama
 
 
@@ -207,11 +208,7 @@ def test_mixed_batch_rows(ids) -> None:
     ak.add_adapter(m, "a", QAdapterConfig(bits=1, base_config={"r": 4}))
     ak.add_adapter(m, "b", QAdapterConfig(bits=4, base_config={"r": 2}))
     randomize_adapters(m)
-    with ak.adapter_batch(m, ["a", "b", None, "a"]):
-        mixed = m(ids).logits
-    for i, n in enumerate(["a", "b", None, "a"]):
-        ak.set_adapter(m, n)
-        assert torch.allclose(mixed[i], m(ids[i : i + 1]).logits[0], atol=1e-5)
+    assert_mixed_batch_rows_match(m, ids, ["a", "b", None, "a"])
 
 
 def test_group_size_must_divide() -> None:

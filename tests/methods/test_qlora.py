@@ -12,6 +12,7 @@ from adapterkit.api import adapter_parameters, get_record
 from adapterkit.errors import ConfigError
 from adapterkit.methods.qlora import QLoRAConfig, merge_errors
 from adapterkit.quant import dequantize_int_reference, quantize_int, quantize_int_reference
+from _method_checks import assert_mixed_batch_rows_match
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 
@@ -176,9 +177,5 @@ def test_mixed_batch_rows(ids) -> None:
     ak.add_adapter(m, "l", ak.LoRAConfig(r=2))
     randomize_adapters(m)
     names = ["q", None, "l", "q"]
-    with ak.adapter_batch(m, names):
-        mixed = m(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(m, n)
-        assert torch.allclose(mixed[i], m(ids[i : i + 1]).logits[0], atol=1e-5)
+    assert_mixed_batch_rows_match(m, ids, names)
     assert "qlora" in ak.list_methods()

@@ -13,6 +13,7 @@ import adapterkit as ak
 from adapterkit.api import get_record
 from adapterkit.errors import AdapterFileError, ConfigError
 from adapterkit.methods.sft import SFTConfig, SparseDeltaPiece, prepare_sft
+from _method_checks import assert_base_restored, base_weights
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -134,16 +135,14 @@ def test_composition_equals_the_summed_dense_diff_and_merge_is_exact():
         want = _with_deltas(tiny_llama(), deltas)(ids).logits
     assert (both - want).abs().max() < 1e-4
 
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
+    base = base_weights(model)
     with torch.no_grad():
         ak.merge(model, "lang")
         ak.merge(model, "task")
         assert (model(ids).logits - want).abs().max() < 1e-4
         ak.unmerge(model, "task")
         ak.unmerge(model, "lang")
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.equal(v, base[k]), k
+    assert_base_restored(model, base)
 
 
 def test_conv1d_host_uses_out_in_positions():

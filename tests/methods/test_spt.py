@@ -13,6 +13,7 @@ import adapterkit as ak
 from adapterkit.api import get_record
 from adapterkit.errors import ConfigError
 from adapterkit.methods.spt import SPTConfig, prepare_spt, spt_allocate, spt_sensitivity
+from _method_checks import assert_base_restored, base_weights
 from conftest import randomize_adapters, tiny_vit
 
 R = 2
@@ -151,15 +152,13 @@ def test_train_merge_save_load(tmp_path):
         assert (t.grad is not None) == (".adapterkit.spt." in n), n
     model.eval()
     x = _batches(1)[0]["pixel_values"]
-    base = {k: v.clone() for k, v in model.state_dict().items() if ".adapterkit." not in k}
+    base = base_weights(model)
     with torch.no_grad():
         want = model(pixel_values=x).logits
         ak.merge(model, "spt")
         assert (model(pixel_values=x).logits - want).abs().max() < 1e-5
         ak.unmerge(model, "spt")
-    for k, v in model.state_dict().items():
-        if k in base:
-            assert torch.allclose(v, base[k], atol=1e-6), k
+    assert_base_restored(model, base, atol=1e-6)
     ak.save_adapter(model, "spt", tmp_path / "spt")
     t = load_file(tmp_path / "spt" / "adapter.safetensors")
     assert {k.rsplit(".", 1)[1] for k in t} <= {"spt_indices", "spt_values", "lora_A", "lora_B"}

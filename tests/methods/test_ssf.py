@@ -11,6 +11,7 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.errors import ConfigError, NotMergeableError, UnsupportedModuleError
 from adapterkit.methods import SSFConfig
+from _method_checks import adapter_pieces, assert_mixed_batch_rows_match, random_biases, replace_module
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "vit": tiny_vit}
@@ -47,24 +48,6 @@ def _randomize(model: nn.Module, seed: int = 1) -> None:
                         + (1.0 if "scale" in n else 0.0))
 
 
-def _random_biases(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def _pieces(model, name="a"):
-    return ak.api.get_record(model, name).pieces
-
-
 def _inputs(arch):
     torch.manual_seed(123)
     if arch == "vit":
@@ -82,12 +65,12 @@ def _dim(m: nn.Module) -> int:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
 def test_default_targets_match_reference(arch):
-    model = _random_biases(MAKERS[arch]())
+    model = random_biases(MAKERS[arch]())
     ref = copy.deepcopy(model)
     base = _out(model, arch)
     ak.add_adapter(model, "a", SSFConfig())
     _randomize(model)
-    pieces = _pieces(model)
+    pieces = adapter_pieces(model)
     kinds = {type(ref.get_submodule(h)).__name__ for h in pieces}
     expected = {"llama": {"Linear", "LlamaRMSNorm"}, "gpt2": {"Conv1D", "LayerNorm"},
                 "bert": {"Linear", "LayerNorm"}, "vit": {"Linear", "LayerNorm", "Conv2d"}}[arch]
@@ -98,7 +81,7 @@ def test_default_targets_match_reference(arch):
         if type(host).__name__ == "LlamaRMSNorm":
             assert p.ssf_shift is None  # no bias to merge a shift into
         beta = None if p.ssf_shift is None else p.ssf_shift.detach().clone()
-        _replace(ref, h, ScaledShifted(host, p.ssf_scale.detach().clone(), beta, _dim(host)))
+        replace_module(ref, h, ScaledShifted(host, p.ssf_scale.detach().clone(), beta, _dim(host)))
     got, want = _out(model, arch), _out(ref, arch)
     assert not torch.allclose(got, base, atol=1e-3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -128,8 +111,8 @@ def test_fresh_adapter_is_identity_and_normal_init():
     torch.testing.assert_close(m(**ids).logits, base, rtol=0, atol=0)
     m2 = tiny_vit()
     ak.add_adapter(m2, "a", SSFConfig(init="normal", init_std=0.02))
-    scales = torch.cat([p.ssf_scale.flatten() for p in _pieces(m2).values()])
-    shifts = torch.cat([p.ssf_shift.flatten() for p in _pieces(m2).values()])
+    scales = torch.cat([p.ssf_scale.flatten() for p in adapter_pieces(m2).values()])
+    shifts = torch.cat([p.ssf_shift.flatten() for p in adapter_pieces(m2).values()])
     assert abs(scales.mean().item() - 1) < 0.01 and 0.015 < scales.std().item() < 0.025
     assert abs(shifts.mean().item()) < 0.01 and 0.015 < shifts.std().item() < 0.025
 
@@ -137,12 +120,12 @@ def test_fresh_adapter_is_identity_and_normal_init():
 def test_merge_folds_into_weight_and_bias_exactly():
     """W' = diag(gamma) W and b' = gamma * b + beta, for nn.Linear and GPT-2's transposed Conv1D."""
     for make, path in ((tiny_bert, "encoder.layer.0.intermediate.dense"), (tiny_gpt2, "transformer.h.0.mlp.c_fc")):
-        m = _random_biases(make())
+        m = random_biases(make())
         host = m.get_submodule(path)
         W, b = host.weight.detach().clone(), host.bias.detach().clone()
         ak.add_adapter(m, "a", SSFConfig(targets=[path]))
         _randomize(m)
-        p = _pieces(m)[path]
+        p = adapter_pieces(m)[path]
         g, be = p.ssf_scale.detach(), p.ssf_shift.detach()
         ak.merge(m, "a")
         want_w = g[:, None] * W if isinstance(host, nn.Linear) else W * g[None, :]
@@ -152,7 +135,7 @@ def test_merge_folds_into_weight_and_bias_exactly():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
 def test_merge_unmerge_exact(arch):
-    m = _random_biases(MAKERS[arch]())
+    m = random_biases(MAKERS[arch]())
     orig = {k: v.clone() for k, v in m.state_dict().items()}
     ak.add_adapter(m, "a", SSFConfig())
     _randomize(m)
@@ -175,7 +158,7 @@ def test_merge_creates_bias_on_bias_free_linear():
     assert q.bias is None
     ak.add_adapter(m, "a", SSFConfig(targets=["q_proj"]))
     _randomize(m)
-    beta = _pieces(m)["model.layers.0.self_attn.q_proj"].ssf_shift.detach()
+    beta = adapter_pieces(m)["model.layers.0.self_attn.q_proj"].ssf_shift.detach()
     ak.merge(m, "a")
     torch.testing.assert_close(q.bias, beta, rtol=0, atol=0)
     assert not q.bias.requires_grad
@@ -207,9 +190,9 @@ def test_conv_net_per_channel_reference_and_merge():
     ref = copy.deepcopy(net)
     ak.add_adapter(net, "a", SSFConfig(targets=["conv1", "bn", "conv2", "gn"]))
     _randomize(net)
-    for h, p in _pieces(net).items():
+    for h, p in adapter_pieces(net).items():
         assert p.ssf_scale.shape == (ref.get_submodule(h).weight.shape[0],)
-        _replace(ref, h, ScaledShifted(ref.get_submodule(h), p.ssf_scale.detach(), p.ssf_shift.detach(), 1))
+        replace_module(ref, h, ScaledShifted(ref.get_submodule(h), p.ssf_scale.detach(), p.ssf_shift.detach(), 1))
     want = net(x)
     torch.testing.assert_close(want, ref(x), rtol=1e-5, atol=1e-5)
     ak.merge(net, "a")
@@ -238,7 +221,7 @@ def test_merge_refuses_norm_that_is_not_weight_times_normalized():
     with pytest.raises(NotMergeableError, match="does not scale its output"):
         ak.merge(net, "a")
     torch.testing.assert_close(net[1].weight, before, rtol=0, atol=1e-7)
-    assert not _pieces(net)["1"].merged
+    assert not adapter_pieces(net)["1"].merged
 
 
 def test_merge_refusals_leave_base_untouched():
@@ -252,7 +235,7 @@ def test_merge_refusals_leave_base_untouched():
     m = tiny_llama()
     ak.add_adapter(m, "a", SSFConfig(targets=["k_proj"]))
     with torch.no_grad():
-        _pieces(m)["model.layers.1.self_attn.k_proj"].ssf_scale[2] = 0.0
+        adapter_pieces(m)["model.layers.1.self_attn.k_proj"].ssf_scale[2] = 0.0
     k0 = m.model.layers[0].self_attn.k_proj.weight.detach().clone()
     with pytest.raises(NotMergeableError, match="zeros"):
         ak.merge(m, "a")
@@ -279,17 +262,13 @@ def test_training_gradients_only_on_ssf_params():
 
 
 def test_mixed_batch_equals_rows_alone():
-    m = _random_biases(tiny_gpt2())
+    m = random_biases(tiny_gpt2())
     ids = _inputs("gpt2")["input_ids"]
     ak.add_adapter(m, "a", SSFConfig())
     ak.add_adapter(m, "b", SSFConfig(targets=["c_fc", "ln_f"]))
     _randomize(m)
     names = ["a", None, "b"]
-    with ak.adapter_batch(m, names):
-        mixed = m(ids).logits
-    for i, n in enumerate(names):
-        ak.set_adapter(m, n)
-        torch.testing.assert_close(mixed[i: i + 1], m(ids[i: i + 1]).logits, rtol=1e-5, atol=1e-5)
+    assert_mixed_batch_rows_match(m, ids, names)
 
 
 def test_save_load_round_trip(tmp_path):
