@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,9 +18,19 @@ import torch
 
 from ..errors import AdapterFileError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no flock, so stale temps are left alone
+    fcntl = None  # type: ignore[assignment]
+
 # -- atomic directory replacement ------------------------------------------------------
 _RENAME_EXCHANGE = 2
 _libc = None
+# tempfile.mkdtemp's random suffix: 8 characters of [a-z0-9_]
+_SUFFIX = r"[a-z0-9_]{8}"
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# safetensors (Rust) reports I/O errors as SafetensorError text, without an errno
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -48,23 +60,130 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` (save_pretrained may write sub-folders), then the dirs."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+# -- writer liveness: each live save holds an exclusive flock on its temp dir. The kernel
+# drops it when the writer dies (even by SIGKILL), so "unlocked" means "abandoned": unlike a
+# pid in the name, this survives pid reuse and never mistakes a live writer for a dead one.
+def _open_dir(path: str | os.PathLike[str]) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _locked_temp(target: Path) -> tuple[Path, int | None]:
+    """A fresh temp dir beside ``target``, with this process holding its lock (the fd)."""
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        if fcntl is None:
+            return tmp, None
+        try:
+            fd = _open_dir(tmp)
+        except FileNotFoundError:  # a concurrent save's cleanup saw it unlocked: take another
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks only while a cleaner is removing it
+        except OSError:  # the filesystem has no flock: no cleanup will touch it either
+            os.close(fd)
+            return tmp, None
+        # ... or removed it between open and flock
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def clean_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp dirs that earlier saves of ``target`` left when they were killed.
+
+    Only ``target``'s own temps (``.<name>.tmp-XXXXXXXX``) are considered, and only those
+    no live process holds the lock of: a concurrent save's temp is never touched. A
+    ``.<name>.old-XXXXXXXX`` backup (the non-renameat2 swap) is removed only while
+    ``target`` exists, since after a crash between its two renames it is the only copy.
+
+    Args:
+        target: the directory a save writes (its parent is scanned).
+
+    Returns:
+        The temp dirs removed.
+    """
+    target = Path(target)
+    if fcntl is None:  # no way to tell a dead writer from a live one: keep everything
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-{_SUFFIX}")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for e in entries:
+        m = pattern.fullmatch(e.name)
+        if m is None or not e.is_dir(follow_symlinks=False):
+            continue
+        if m.group(1) == "old" and not target.is_dir():
+            continue
+        try:
+            fd = _open_dir(e.path)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live writer (or no flock here): leave it
+            os.close(fd)
+            continue
+        try:  # removed while holding the lock, so a writer that just made it retries
+            shutil.rmtree(e.path, ignore_errors=True)
+            removed.append(Path(e.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (an OSError, or safetensors' errno-less error) means no space / quota left."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    return not isinstance(exc, OSError) and any(t in str(exc) for t in _DISK_FULL_TEXT)
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Write a directory atomically: yields a temp dir beside ``target``; on success its
     files are fsynced and it replaces ``target`` in one step (the old one stays intact
-    until then, and is left untouched if anything fails)."""
+    until then, and is left untouched if anything fails).
+
+    Temps that killed earlier saves of the same ``target`` left behind are removed first
+    (:func:`clean_stale_temps`); live concurrent saves are not disturbed.
+
+    Args:
+        target: the directory to create or replace.
+
+    Yields:
+        The temp directory to write into.
+
+    Raises:
+        AdapterFileError: ``target`` is an existing file, or the disk (or quota) is full;
+            the message names the path, and the previous ``target`` is unchanged.
+    """
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise AdapterFileError(f"cannot save to {target}: it exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale_temps(target)
+    existed = target.is_dir()
+    tmp: Path | None = None
+    fd: int | None = None
     try:
+        tmp, fd = _locked_temp(target)
         yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         if target.exists():
             if _exchange(tmp, target):
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
@@ -77,9 +196,19 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.rename(tmp, target)
         _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            kept = f"the previous {target.name} is unchanged" if existed else "nothing was written"
+            raise AdapterFileError(
+                f"cannot save to {target}: the disk is full (no space left on the filesystem of "
+                f"{target.parent}: {e}); {kept}. Free some space and save again."
+            ) from e
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def write_json(path: Path, data: Any) -> None:
