@@ -19,8 +19,8 @@ from .errors import (
     did_you_mean,
 )
 from .formats import check_fingerprint, fingerprint, read_adapter, write_native
-from .inject import CONTAINER
-from .methods.base import AdapterConfig
+from .inject import CONTAINER, resolve_modules_to_save
+from .methods.base import AdapterConfig, AdapterModule, ModuleCopy
 from .registry import get_method
 from .state import AdapterRecord, Composition, get_state, install_piece, remove_piece
 
@@ -43,17 +43,20 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig) -> AdapterRe
     spec = get_method(config.method)
     pieces = spec.attach(model, name, config)
     mods = dict(model.named_modules())
+    heads: dict[str, ModuleCopy] = {}
     try:
-        for host_name, piece in pieces.items():
+        for h in resolve_modules_to_save(model, config.modules_to_save, pieces):
+            heads[h] = ModuleCopy(mods[h])
+        for host_name, piece in {**pieces, **heads}.items():
             install_piece(state, host_name, mods[host_name], name, piece)
     except BaseException:
-        for host_name in pieces:
+        for host_name in {**pieces, **heads}:
             remove_piece(state, host_name, mods[host_name], name)
         for piece in pieces.values():  # e.g. PiSSA already rewrote base weights
             piece.on_delete()
         raise
     _freeze_base(model)  # only once attaching worked: a failed add leaves the model as it was
-    rec = AdapterRecord(name=name, method=spec.name, config=config, pieces=pieces)
+    rec = AdapterRecord(name=name, method=spec.name, config=config, pieces=pieces, heads=heads)
     state.adapters[name] = rec
     if not state.active:
         state.active = (name,)
@@ -124,7 +127,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[Non
 
 
 def _is_merged(rec: AdapterRecord) -> bool:
-    return any(p.merged for p in rec.pieces.values())
+    return any(p.merged for p in rec.all_pieces().values())
 
 
 def merge(model: nn.Module, name: str) -> None:
@@ -134,9 +137,9 @@ def merge(model: nn.Module, name: str) -> None:
         raise NotMergeableError(f"adapter {name!r} ({rec.method}) cannot be merged: its math has no weight delta")
     if _is_merged(rec):
         raise AdapterError(f"adapter {name!r} is already merged")
-    done = []
+    done: list[AdapterModule] = []
     try:
-        for piece in rec.pieces.values():
+        for piece in rec.all_pieces().values():
             piece.merge()
             done.append(piece)
     except BaseException:
@@ -150,7 +153,7 @@ def unmerge(model: nn.Module, name: str) -> None:
     rec = get_state(model).record(name)
     if not _is_merged(rec):
         raise AdapterError(f"adapter {name!r} is not merged")
-    for piece in rec.pieces.values():
+    for piece in rec.all_pieces().values():
         if piece.merged:
             piece.unmerge()
 
@@ -163,7 +166,7 @@ def merge_and_unload(model: nn.Module, name: str) -> None:
     if not _is_merged(rec):
         merge(model, name)
     mods = dict(model.named_modules())
-    for host_name in rec.pieces:
+    for host_name in rec.all_pieces():
         remove_piece(state, host_name, mods[host_name], name)
     del state.adapters[name]
     _deactivate(state, name)
@@ -184,9 +187,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if _is_merged(rec):
         unmerge(model, name)
     mods = dict(model.named_modules())
-    for piece in rec.pieces.values():
+    for piece in rec.all_pieces().values():
         piece.on_delete()
-    for host_name in rec.pieces:
+    for host_name in rec.all_pieces():
         remove_piece(state, host_name, mods[host_name], name)
     del state.adapters[name]
     _deactivate(state, name)
@@ -206,7 +209,7 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """The adapter's parameters by full model key."""
     rec = get_state(model).record(name)
     out = {}
-    for host_name, piece in rec.pieces.items():
+    for host_name, piece in rec.all_pieces().items():
         prefix = f"{host_name}.{CONTAINER}.{name}." if host_name else f"{CONTAINER}.{name}."
         for k, p in piece.named_parameters():
             out[prefix + k] = p
@@ -231,10 +234,14 @@ def regularization_loss(model: nn.Module, name: str | None = None) -> torch.Tens
 
 # -- files ---------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under portable keys ``<host path>.<param>``."""
-    rec = get_state(model).record(name)
+    """The adapter's tensors under portable keys ``<host path>.<param>`` (a module copy's:
+    ``<module path>.modules_to_save.<param>``)."""
+    return _piece_tensors(get_state(model).record(name).all_pieces())
+
+
+def _piece_tensors(pieces: dict[str, AdapterModule]) -> dict[str, torch.Tensor]:
     out = {}
-    for host_name, piece in rec.pieces.items():
+    for host_name, piece in pieces.items():
         for k, v in piece.state_dict().items():
             out[f"{host_name}.{k}" if host_name else k] = v
     return out
@@ -248,10 +255,13 @@ def save_adapter(model: nn.Module, name: str, path: str | Path, format: str = "a
     """
     rec = get_state(model).record(name)
     spec = get_method(rec.method)
-    config, tensors = rec.config, adapter_state_dict(model, name)
+    config, tensors = rec.config, _piece_tensors(rec.pieces)
     if spec.export is not None:
         config, tensors = spec.export(config, tensors, rec.pieces)
-    base = fingerprint(model, [h for h in rec.pieces if h])
+    # the file names the modules it holds copies of: it loads the same on any model class
+    config = config.replace(modules_to_save=tuple(rec.heads))
+    tensors = {**tensors, **_piece_tensors(dict(rec.heads))}
+    base = fingerprint(model, [h for h in rec.all_pieces() if h])
     if format in ("adapterkit", "native"):
         return write_native(path, rec.method, config.to_dict(), tensors, base)
     if format == "peft":
@@ -270,7 +280,9 @@ def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) ->
     if name in state.adapters:
         raise DuplicateAdapterError(f"an adapter named {name!r} is already attached; pass name=... to load it as another")
     spec = get_method(saved.method)
-    config = spec.config_cls.from_dict(saved.config).for_loading()
+    fields = dict(saved.config)
+    fields.setdefault("modules_to_save", ())  # files from before the field never hold copies
+    config = spec.config_cls.from_dict(fields).for_loading()
     check_fingerprint(model, saved.base, str(path))
     try:
         rec = add_adapter(model, name, config)
@@ -307,7 +319,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: 
             f"{did_you_mean(extra[0], expected)}"
         )
     with torch.no_grad():
-        for host_name, piece in rec.pieces.items():
+        for host_name, piece in rec.all_pieces().items():
             prefix = f"{host_name}." if host_name else ""
             own = piece.state_dict()
             piece.load_state_dict({k: tensors[prefix + k].to(own[k].dtype) for k in own})

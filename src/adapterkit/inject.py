@@ -130,3 +130,58 @@ def weight_io(host: nn.Module) -> tuple[int, int]:
         return host.out_features, host.in_features
     w = host.weight
     return w.shape[1], w.shape[0]
+
+
+#: PEFT's default ``modules_to_save`` per task (by the transformers class-name suffix)
+TASK_HEADS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ForSequenceClassification", ("classifier", "score")),
+    ("ForTokenClassification", ("classifier", "score")),
+    ("ForQuestionAnswering", ("qa_outputs",)),
+)
+
+
+def task_heads(model: nn.Module) -> tuple[str, ...]:
+    """The head names PEFT saves by default for this model's task (``()`` for LMs)."""
+    cls = type(model).__name__
+    return next((heads for suffix, heads in TASK_HEADS if cls.endswith(suffix)), ())
+
+
+def resolve_modules_to_save(model: nn.Module, names: Sequence[str] | None, targets: Iterable[str]) -> list[str]:
+    """Module paths an adapter trains in full (``AdapterConfig.modules_to_save``).
+
+    Args:
+        model: the model the adapter attaches to.
+        names: module-name suffixes, each matching at least one module; ``None`` for the
+            task's default heads (:func:`task_heads`; those the model lacks are skipped).
+        targets: the module paths the adapter's own pieces attach to.
+
+    Returns:
+        The matched module paths in model order (a module inside another one listed is dropped:
+        the outer copy holds it).
+
+    Raises:
+        TargetNotFoundError: a name matches no module.
+        ConfigError: a module to save is, or contains, one of ``targets``.
+    """
+    mods = [n for n, _ in base_modules(model) if n]
+    if names is None:
+        wanted = [t for t in task_heads(model) if any(match_suffix(n, t) for n in mods)]
+    else:
+        wanted = list(names)
+        for t in wanted:
+            if not any(match_suffix(n, t) for n in mods):
+                hint = closest(t, _leaf_names(mods) + mods)
+                raise TargetNotFoundError(
+                    f"modules_to_save entry {t!r} matches no module of {type(model).__name__}. "
+                    f"Closest module names: {', '.join(repr(h) for h in hint)}"
+                )
+    picked = _select(mods, wanted) if wanted else []
+    picked = [n for n in picked if not any(n.startswith(o + ".") for o in picked)]
+    for n in picked:
+        for t in targets:
+            if t == n or t.startswith(n + "."):  # the copy would hold (and so bypass) the adapter there
+                raise ConfigError(
+                    f"module {n!r} is in modules_to_save and the adapter also targets {t!r}; a module is either "
+                    f"trained in full or adapted, not both (drop it from targets or from modules_to_save)"
+                )
+    return picked

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import AdapterError, AdapterNotFoundError, did_you_mean
 from .inject import CONTAINER
-from .methods.base import AdapterConfig, AdapterModule, main_input
+from .methods.base import AdapterConfig, AdapterModule, ModuleCopy, main_input
 
 
 @dataclass
@@ -29,6 +29,13 @@ class AdapterRecord:
     config: AdapterConfig
     #: host module path ("" for the root) -> piece
     pieces: dict[str, AdapterModule]
+    #: module path -> its trained copy (``config.modules_to_save``), kept apart from the
+    #: method's pieces so code over ``pieces`` only ever sees the method's own math
+    heads: dict[str, ModuleCopy] = field(default_factory=dict)
+
+    def all_pieces(self) -> dict[str, AdapterModule]:
+        """The method's pieces and the module copies, by host module path."""
+        return {**self.pieces, **self.heads}
 
 
 class Composition:
@@ -200,7 +207,10 @@ class _PostHook:
         for name, piece, rows in todo:
             if rows is not None:
                 rows = _rows(state, name, rows, y)
-            y = piece.hook_post(host, x, y, rows)
+            if isinstance(piece, ModuleCopy):
+                y = piece.hook_call(args, kwargs, y, rows, state.batch_size)
+            else:
+                y = piece.hook_post(host, x, y, rows)
         return rebuild(y)
 
 

@@ -195,7 +195,7 @@ def test_invalid_rank_pattern_regex_is_named(tmp_path) -> None:
 # -- refusals -----------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,needle", [
     ("bias", "all", "bias='all'"),
-    ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("modules_to_save", "lm_head", "modules_to_save='lm_head' must be a list"),
     ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
     ("layer_replication", [[0, 2]], "layer_replication"),
     ("peft_type", "LOHA", "peft_type 'LOHA'"),

@@ -23,13 +23,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, NotMergeableError, did_you_mean
+from ..errors import AdapterError, ConfigError, NotMergeableError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,27 @@ class AdapterConfig:
     whose dotted path ends in ``.q_proj`` or ``.v_proj``), a regex string matched
     against full module paths, or ``None`` for the method's default targets, resolved
     by module names when the adapter is added.
+
+    ``modules_to_save``: modules trained in full beside the adapter (PEFT's field of the
+    same name), e.g. a freshly initialised classification head. Module-name suffixes like
+    ``targets``; ``None`` (the default) picks the task's head as PEFT does (``classifier``
+    / ``score`` for ``*ForSequenceClassification`` and ``*ForTokenClassification``,
+    ``qa_outputs`` for ``*ForQuestionAnswering``, nothing otherwise); ``()`` saves none.
+    Each adapter holds its own copy (:class:`ModuleCopy`), saved in its file.
     """
 
     method: ClassVar[str] = ""
     targets: tuple[str, ...] | str | None = None
+    # keyword-only: every method's own fields keep their positions
+    modules_to_save: tuple[str, ...] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        m = self.modules_to_save
+        if m is not None:
+            if isinstance(m, str) or not isinstance(m, (list, tuple)) or not all(isinstance(x, str) and x for x in m):
+                raise ConfigError(f"{type(self).__name__}.modules_to_save must be a list of module names "
+                                  f"(e.g. ['classifier']), () for none or None for the task's default, got {m!r}")
+            object.__setattr__(self, "modules_to_save", tuple(m))
         t = self.targets
         if isinstance(t, (list, tuple)):
             if not t:
@@ -188,6 +203,117 @@ class AdapterModule(nn.Module):
             return y
         sub = self.forward_post(x.index_select(0, rows), y.index_select(0, rows))
         return y.index_copy(0, rows, sub.to(y.dtype))
+
+
+#: the child of a :class:`ModuleCopy` holding the copy; native tensor keys of a saved
+#: module are ``<module path>.modules_to_save.<param>`` (``score.modules_to_save.weight``)
+COPY = "modules_to_save"
+
+
+class ModuleCopy(AdapterModule):
+    """A module trained in full for one adapter (``AdapterConfig.modules_to_save``).
+
+    Holds a trainable copy of its host (without any adapter pieces or hooks); while the
+    adapter runs, the host's output is replaced by the copy's output on the same call, so
+    adapters with different heads coexist. In a mixed batch only the adapter's rows use
+    its copy; rows of other adapters keep theirs, base rows the original module.
+    """
+
+    def __init__(self, host: nn.Module) -> None:
+        super().__init__()
+        self.add_module(COPY, plain_copy(host))
+        getattr(self, COPY).requires_grad_(True)
+        self._stash: dict[str, torch.Tensor] | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self, COPY)
+
+    def forward_post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # compositions call this with the main input only (heads take one tensor)
+        return main_output(self.module(x))
+
+    def hook_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], y: torch.Tensor,
+                  rows: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The copy's main output for the host's call ``(args, kwargs)``; with ``rows``,
+        only those batch rows of ``y`` are replaced."""
+        if rows is None:
+            return main_output(self.module(*args, **kwargs))
+        if not rows.numel():
+            return y
+
+        def pick(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch_size:
+                return v.index_select(0, rows)
+            return v
+
+        sub = main_output(self.module(*[pick(a) for a in args], **{k: pick(v) for k, v in kwargs.items()}))
+        return y.index_copy(0, rows, sub.to(y.dtype))
+
+    def merge(self) -> None:
+        """Copy the trained weights into the host (the originals are kept for unmerge)."""
+        for sib in getattr(self.host, "adapterkit", {}).values():  # type: ignore[union-attr]
+            if sib is not self and isinstance(sib, ModuleCopy) and sib.merged:
+                raise AdapterError("another adapter's copy of this module is merged into it already; "
+                                   "unmerge that adapter first")
+        own = own_tensors(self.host)
+        src = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        with torch.no_grad():
+            self._stash = {k: t.detach().clone() for k, t in own.items()}
+            for k, t in own.items():
+                t.copy_(src[k].to(t.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        own = own_tensors(self.host)
+        with torch.no_grad():
+            for k, t in (self._stash or {}).items():
+                own[k].copy_(t)
+        self._stash = None
+        self.merged = False
+
+
+def own_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters and buffers by name, those of adapter pieces excluded."""
+    from ..inject import CONTAINER
+
+    out = dict(m.named_parameters()) | dict(m.named_buffers())
+    return {k: t for k, t in out.items() if f".{CONTAINER}." not in f".{k}"}
+
+
+def plain_copy(m: nn.Module) -> nn.Module:
+    """A deep copy of ``m`` without adapter pieces or hooks (they would loop back to the
+    model's adapter state), made by hiding them during the copy."""
+    from ..inject import CONTAINER
+
+    hidden = []
+    for sub in list(m.modules()):
+        c = sub._modules.pop(CONTAINER, None)
+        hooks = (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+                 sub._forward_hooks_always_called, sub._forward_pre_hooks_with_kwargs)
+        hidden.append((sub, c, hooks))
+        sub._forward_hooks, sub._forward_pre_hooks = type(hooks[0])(), type(hooks[1])()
+        sub._forward_hooks_with_kwargs, sub._forward_hooks_always_called = {}, {}
+        sub._forward_pre_hooks_with_kwargs = {}
+    try:
+        return copy.deepcopy(m)
+    finally:
+        for sub, c, hooks in hidden:
+            (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+             sub._forward_hooks_always_called, sub._forward_pre_hooks_with_kwargs) = hooks
+            if c is not None:
+                sub._modules[CONTAINER] = c
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The main tensor of a module's output (the first of a tuple / ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and out:
+        return next(iter(out.values()))
+    raise TypeError(f"cannot find the main output tensor in a {type(out).__name__}")
 
 
 def _main_input(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):

@@ -14,8 +14,11 @@ name dropped (native key on the right)::
 
 adapterkit's methods use PEFT's parameter names, shapes and math, so the codecs
 (:mod:`.lora` for LoRA/rsLoRA/DoRA, :mod:`.ia3`, :mod:`.prompt` for prompt and prefix
-tuning) mostly rename keys and map config fields. Anything PEFT can express that
-adapterkit cannot (``modules_to_save``, trainable base biases, PiSSA-style inits that
+tuning) mostly rename keys and map config fields. ``modules_to_save`` (modules trained
+in full, e.g. a classification head) is shared by every codec: PEFT saves each copy under
+the module's own keys (``base_model.model.score.weight``), adapterkit under
+``score.modules_to_save.weight``. Anything PEFT can express that
+adapterkit cannot (trainable base biases, PiSSA-style inits that
 rewrite the base weights, modules with different ranks, ...) is refused with an
 :class:`AdapterFileError` naming the field, never silently dropped; on export, a config
 field PEFT cannot express is refused with a :class:`ConfigError`.
@@ -43,7 +46,10 @@ from ...methods.base import AdapterConfig
 from ..io import atomic_dir, read_tensors, save_tensors, write_json
 from ..native import CONFIG_NAME, SavedAdapter
 from . import ia3 as _ia3, lora as _lora, prompt as _prompt  # noqa: F401  (each codec registers itself)
-from .common import CODECS, IMPORTERS, PEFT_VERSION, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN, BaseInfo, base_info, hosts_of
+from .common import (
+    CODECS, IMPORTERS, PEFT_VERSION, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN, PREFIX, SAVED, BaseInfo, base_info, hosts_of,
+    saved_names, split_copies,
+)
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,8 +95,18 @@ def to_peft(method: str, config: AdapterConfig, tensors: dict[str, torch.Tensor]
             f"{', '.join(sorted(CODECS))}"
         )
     info = info or BaseInfo()
-    peft_config, peft_tensors = codec.export(config, tensors, info)
-    head = {"peft_type": codec.peft_type, "task_type": peft_config.pop("task_type", None),
+    copies = {k: t for k, t in tensors.items() if SAVED in f".{k}"}
+    own = {k: t for k, t in tensors.items() if k not in copies}
+    peft_config, peft_tensors = codec.export(config, own, info)
+    task = peft_config.pop("task_type", None)
+    if copies:
+        hosts = sorted({f".{k}".split(SAVED)[0][1:] for k in copies})
+        peft_config["modules_to_save"] = saved_names(hosts, info)
+        # PEFT's file keys drop the copy's "modules_to_save.<adapter>." part
+        peft_tensors.update({PREFIX + f".{k}".replace(SAVED, ".", 1)[1:]: t for k, t in copies.items()})
+        if info.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+            task = info.task_type  # PEFT then builds the matching PeftModelFor... class
+    head = {"peft_type": codec.peft_type, "task_type": task,
             "base_model_name_or_path": info.name_or_path, "revision": None, "inference_mode": True,
             "auto_mapping": None, "peft_version": PEFT_VERSION}
     return {**head, **peft_config}, peft_tensors
@@ -106,7 +122,10 @@ def from_peft(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
             f"{where}: peft_type {ptype!r} is not supported; adapterkit reads "
             f"{', '.join(sorted(IMPORTERS))}"
         )
-    return importer(meta, tensors, where)
+    copies, tensors = split_copies(meta.get("modules_to_save"), tensors, where)
+    method, config, native = importer({**meta, "modules_to_save": None}, tensors, where)
+    config["modules_to_save"] = sorted({k.split(SAVED)[0] for k in copies})
+    return method, config, {**native, **copies}
 
 
 def convert(in_dir: str | Path, out_dir: str | Path, to: str = "peft", model: nn.Module | None = None) -> Path:

@@ -19,6 +19,8 @@ PEFT_WEIGHTS_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 #: the PEFT version whose file layout this module writes (and was tested against)
 PEFT_VERSION = "0.21.2"
+#: marks a module copy's native keys: ``score.modules_to_save.weight`` (PEFT: ``score.weight``)
+SAVED = ".modules_to_save."
 
 
 @dataclass
@@ -123,7 +125,7 @@ def refuse_fields(meta: dict[str, Any], where: str, fields: dict[str, str]) -> N
 def check_defaults(config: AdapterConfig, mapped: set[str]) -> None:
     """Refuse to export a config field PEFT cannot express, unless it has its default value."""
     for f in dataclasses.fields(config):
-        if f.name in mapped or f.name == "targets":
+        if f.name in mapped or f.name in ("targets", "modules_to_save"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
@@ -132,6 +134,43 @@ def check_defaults(config: AdapterConfig, mapped: set[str]) -> None:
                 f"{type(config).__name__}.{f.name}={getattr(config, f.name)!r} has no PEFT equivalent; "
                 f"save this adapter in the native format instead"
             )
+
+
+def split_copies(names: Any, tensors: dict[str, torch.Tensor], where: str
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split PEFT tensors into module copies (native keys) and the method's own tensors.
+
+    ``names`` is PEFT's ``modules_to_save``; a key belongs to the copy of its shortest
+    leading module path that ends with one of them (PEFT's plain ``endswith`` rule).
+    Names with no tensors are fine: PEFT lists ``classifier`` and ``score`` for every
+    classifier although a model has only one of them.
+    """
+    if names in (None, []):
+        return {}, tensors
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise AdapterFileError(f"{where}: PEFT field modules_to_save={names!r} must be a list of module names")
+    copies: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        parts = (key[len(PREFIX):] if key.startswith(PREFIX) else key).split(".")
+        for i in range(1, len(parts)):
+            host = ".".join(parts[:i])
+            if any(host.endswith(n) for n in names):
+                copies[f"{host}{SAVED}{'.'.join(parts[i:])}"] = t
+                break
+        else:
+            rest[key] = t
+    return copies, rest
+
+
+def saved_names(hosts: list[str], info: BaseInfo) -> list[str]:
+    """PEFT ``modules_to_save`` for module copies at ``hosts``: their leaf names when those
+    pick exactly the hosts under PEFT's ``endswith`` rule, else the full module paths."""
+    leaves = sorted({h.rsplit(".", 1)[-1] for h in hosts})
+    if info.module_names is not None:
+        if {n for n in info.module_names if any(n.endswith(t) for t in leaves)} == set(hosts):
+            return leaves
+    return sorted(hosts)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,8 @@ import torch
 
 from ...errors import AdapterFileError, ConfigError
 from ...methods.base import AdapterConfig
-from .common import CODECS, IMPORTERS, PREFIX, BaseInfo, Codec, check_defaults, hosts_of, peft_targets, refuse_fields, strip_prefix
+from .common import CODECS, IMPORTERS, PREFIX, BaseInfo, Codec, check_defaults, hosts_of, peft_targets, strip_prefix
 
-_REFUSED = {
-    "modules_to_save": "it trains whole copies of base modules; adapterkit adapters never hold base weights",
-}
 
 
 def _is_ff(feedforward: Any, host: str) -> bool:
@@ -31,7 +28,6 @@ def _is_ff(feedforward: Any, host: str) -> bool:
 
 def import_ia3(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                where: str) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    refuse_fields(meta, where, _REFUSED)
     feedforward = meta.get("feedforward_modules")
     out: dict[str, torch.Tensor] = {}
     ff: list[str] = []

@@ -47,7 +47,6 @@ _IGNORED = ("base_layer.weight", "base_layer.bias")
 
 #: PEFT LoraConfig fields adapterkit cannot honour, with the reason
 _REFUSED = {
-    "modules_to_save": "it trains whole copies of base modules; adapterkit adapters never hold base weights",
     "trainable_token_indices": "trainable token rows of the embedding are not an adapterkit method",
     "layer_replication": "it duplicates base layers",
     "target_parameters": "LoRA on bare nn.Parameters (MoE experts) is not supported",

@@ -14,11 +14,8 @@ import torch
 
 from ...errors import AdapterFileError, ConfigError
 from ...methods.base import AdapterConfig
-from .common import CODECS, IMPORTERS, BaseInfo, Codec, check_defaults, refuse_fields
+from .common import CODECS, IMPORTERS, BaseInfo, Codec, check_defaults
 
-_REFUSED = {
-    "modules_to_save": "it trains whole copies of base modules; adapterkit adapters never hold base weights",
-}
 #: PEFT prompt_tuning_init -> PromptTuningConfig.init. TEXT has no token ids in the file (PEFT
 #: keeps the text and a tokenizer name); the init is irrelevant once the table is loaded.
 _INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "random"}
@@ -43,7 +40,6 @@ def model_dims(model_config: Any) -> dict[str, int | None]:
 
 def check_prompt_meta(meta: dict[str, Any], where: str) -> int:
     """Common checks of a PEFT prompt-learning config; returns num_virtual_tokens."""
-    refuse_fields(meta, where, _REFUSED)
     task = meta.get("task_type")
     if task != "CAUSAL_LM":
         raise AdapterFileError(f"{where}: PEFT field task_type={task!r} is not supported for "

@@ -1,0 +1,167 @@
+"""modules_to_save: heads trained in full beside an adapter, saved, reloaded, exchanged with PEFT."""
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapterkit as ak
+from adapterkit.errors import ConfigError, TargetNotFoundError
+from adapterkit.inject import CONTAINER
+
+
+def llama_cls(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, num_labels=3,
+                      pad_token_id=0)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def bert_cls(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, vocab_size=128, num_labels=3)).eval()
+
+
+IDS = torch.randint(1, 128, (4, 7), generator=torch.Generator().manual_seed(0))
+LABELS = torch.tensor([0, 1, 2, 0])
+
+
+def train(model, steps: int = 3) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(IDS).logits, LABELS).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("make,head,targets", [(llama_cls, "score", ["q_proj", "v_proj"]),
+                                               (bert_cls, "classifier", ["query", "value"])])
+def test_head_trains_saves_and_reloads_here_and_in_peft(tmp_path, make, head, targets) -> None:
+    model = make()
+    head_before = getattr(model, head).weight.detach().clone()
+    rec = ak.add_adapter(model, "cls", ak.LoRAConfig(r=4, targets=targets))
+    assert list(rec.heads) == [head]  # PEFT's default for sequence classification
+    train(model)
+    out = model(IDS).logits
+    # the copy trained, the original head did not
+    assert not torch.equal(rec.heads[head].module.weight, head_before)
+    torch.testing.assert_close(getattr(model, head).weight, head_before, rtol=0, atol=0)
+
+    ak.save_adapter(model, "cls", tmp_path / "native")
+    ak.save_adapter(model, "cls", tmp_path / "peft", format="peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == [head] and cfg["task_type"] == "SEQ_CLS"
+    assert f"base_model.model.{head}.weight" in load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    for sub in ("native", "peft"):
+        fresh = make()
+        ak.load_adapter(fresh, tmp_path / sub, name="cls")
+        torch.testing.assert_close(fresh(IDS).logits, out)
+    pm = peft.PeftModel.from_pretrained(make(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(pm(input_ids=IDS).logits, out)
+
+
+def test_peft_trained_head_loads_with_the_same_logits(tmp_path) -> None:
+    pm = peft.get_peft_model(llama_cls(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    ref = pm(input_ids=IDS).logits
+    pm.save_pretrained(str(tmp_path / "p"))  # modules_to_save ["classifier", "score"]: Llama has only score
+    model = llama_cls()
+    rec = ak.load_adapter(model, tmp_path / "p", name="p")
+    assert list(rec.heads) == ["score"] and ak.get_adapter_config(model, "p").modules_to_save == ("score",)
+    torch.testing.assert_close(model(IDS).logits, ref)
+
+
+def test_two_heads_coexist_and_mixed_batches_pick_each_rows_head() -> None:
+    model = llama_cls()
+    base = model(IDS).logits
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    ak.add_adapter(model, "b", ak.LoRAConfig(r=2, targets=["v_proj"]))
+    outs = {}
+    for n in ("a", "b"):
+        ak.set_adapter(model, n)
+        train(model)
+        outs[n] = model(IDS).logits
+    with ak.adapter_batch(model, ["a", "b", None, "a"]):
+        mixed = model(IDS).logits
+    torch.testing.assert_close(mixed[[0, 3]], outs["a"][[0, 3]])
+    torch.testing.assert_close(mixed[1], outs["b"][1])
+    torch.testing.assert_close(mixed[2], base[2])  # no adapter: the original head
+
+
+def test_mixed_batch_gradients_reach_only_the_rows_head() -> None:
+    model = llama_cls()
+    rec_a = ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    rec_b = ak.add_adapter(model, "b", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    with ak.adapter_batch(model, ["a", "a", None, None]):
+        model(IDS).logits.sum().backward()
+    assert rec_a.heads["score"].module.weight.grad is not None
+    assert rec_b.heads["score"].module.weight.grad is None
+
+
+def test_explicit_none_and_bad_modules_to_save() -> None:
+    model = llama_cls()
+    assert not ak.add_adapter(model, "none", ak.LoRAConfig(r=2, modules_to_save=())).heads
+    rec = ak.add_adapter(model, "emb", ak.LoRAConfig(r=2, targets=["q_proj"], modules_to_save=["embed_tokens"]))
+    assert list(rec.heads) == ["model.embed_tokens"]
+    with pytest.raises(TargetNotFoundError, match="modules_to_save entry 'scor' .*'score'"):
+        ak.add_adapter(model, "x", ak.LoRAConfig(r=2, modules_to_save=["scor"]))
+    with pytest.raises(ConfigError, match="'model.layers.0' is in modules_to_save and the adapter also targets"):
+        ak.add_adapter(model, "y", ak.LoRAConfig(r=2, targets=["q_proj"], modules_to_save=["layers.0"]))
+    with pytest.raises(ConfigError, match="modules_to_save must be a list"):
+        ak.LoRAConfig(modules_to_save="score")
+    assert ak.list_adapters(model) == ["none", "emb"]  # failed adds left nothing behind
+
+
+def test_causal_lm_saves_no_head_by_default(llama) -> None:
+    assert not ak.add_adapter(llama, "a", ak.LoRAConfig(r=2)).heads
+
+
+def test_merge_unmerge_and_merge_and_unload_carry_the_head() -> None:
+    model = llama_cls()
+    base = model(IDS).logits
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    train(model)
+    out = model(IDS).logits
+    ak.merge(model, "a")
+    torch.testing.assert_close(model(IDS).logits, out)
+    ak.unmerge(model, "a")
+    ak.set_adapter(model, None)
+    torch.testing.assert_close(model(IDS).logits, base)
+    ak.set_adapter(model, "a")
+    ak.merge_and_unload(model, "a")
+    assert not any(CONTAINER in n for n, _ in model.named_modules())
+    torch.testing.assert_close(model(IDS).logits, out)
+
+
+def test_delete_restores_the_plain_model() -> None:
+    model = llama_cls()
+    keys = set(model.state_dict())
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    ak.delete_adapter(model, "a")
+    assert set(model.state_dict()) == keys
+
+
+def test_native_file_without_the_field_still_loads(tmp_path) -> None:
+    model = llama_cls()
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"], modules_to_save=()))
+    ak.save_adapter(model, "a", tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["config"]["modules_to_save"]  # as written before the field existed
+    cfg_path.write_text(json.dumps(cfg))
+    assert not ak.load_adapter(llama_cls(), tmp_path / "a").heads
