@@ -1,4 +1,4 @@
-"""Adapter files: the native format and PEFT's, detected by their config."""
+"""Adapter files: the native format, PEFT's and AdapterHub's, detected by their config."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,18 +10,22 @@ __all__ = ["SavedAdapter", "read_adapter", "write_native", "fingerprint", "check
 
 
 def detect_format(path: str | Path) -> str:
-    """"adapterkit" or "peft" (raises AdapterFileError for anything else)."""
+    """"adapterkit", "peft" or "adapterhub" (raises AdapterFileError for anything else)."""
+    from .adapterhub import is_adapterhub
+
     p, meta = read_meta(path)
     if is_native(meta):
         return "adapterkit"
     if "peft_type" in meta:
         return "peft"
-    raise AdapterFileError(f"{p / CONFIG_NAME} is neither an adapterkit nor a PEFT adapter config "
-                           f"(no 'format': 'adapterkit' and no 'peft_type')")
+    if is_adapterhub(meta):
+        return "adapterhub"
+    raise AdapterFileError(f"{p / CONFIG_NAME} is not an adapterkit, PEFT or AdapterHub adapter config "
+                           f"(no 'format': 'adapterkit', no 'peft_type', no AdapterHub 'config' + 'model_type')")
 
 
 def read_adapter(path: str | Path) -> SavedAdapter:
-    """Read a native or PEFT adapter directory into native method/config/tensor names."""
+    """Read a native, PEFT or AdapterHub adapter directory into native method/config/tensor names."""
     p, meta = read_meta(path)
     if is_native(meta):
         return read_native(p, meta)
@@ -29,5 +33,9 @@ def read_adapter(path: str | Path) -> SavedAdapter:
         from .peft import read_peft
 
         return read_peft(p, meta)
-    raise AdapterFileError(f"{p / CONFIG_NAME} is neither an adapterkit nor a PEFT adapter config "
-                           f"(no 'format': 'adapterkit' and no 'peft_type')")
+    from .adapterhub import is_adapterhub, read_adapterhub
+
+    if is_adapterhub(meta):
+        return read_adapterhub(p, meta)
+    raise AdapterFileError(f"{p / CONFIG_NAME} is not an adapterkit, PEFT or AdapterHub adapter config "
+                           f"(no 'format': 'adapterkit', no 'peft_type', no AdapterHub 'config' + 'model_type')")
