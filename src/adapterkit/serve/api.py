@@ -21,14 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from adapterkit.errors import (
     AdapterError,
@@ -40,7 +41,7 @@ from adapterkit.errors import (
     QueueFullError,
     UnsupportedModuleError,
 )
-from adapterkit.serve.types import GenerationChunk
+from adapterkit.serve.types import ContextLengthError, GenerationChunk
 
 log = logging.getLogger("adapterkit.serve")
 
@@ -92,17 +93,67 @@ def now() -> int:
     return int(time.time())
 
 
-class _Lenient(BaseModel):
+# JSON types are taken as sent: `true` is not the integer 1, "4" is not 4, 2.5 is not an int
+# (pydantic's lax mode would coerce all three). Floats must be finite: JSON parsers accept NaN
+# and Infinity, and a NaN would otherwise fail a range check with a misleading message.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+TokenId = Annotated[int, Strict(), Field(ge=0)]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_at(value: Any) -> str | None:
+    """The dotted path of the first string inside `value` holding a lone UTF-16 surrogate.
+
+    JSON's ``"\\ud800"`` escape decodes to one; it is not Unicode text, so tokenizers, file
+    paths and UTF-8 encoders all fail on it. Pairs decode to one real code point, so any
+    surrogate left in a decoded string is lone. Iterative: bodies may nest deeply.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return path
+            continue
+        if isinstance(v, dict):
+            if any(isinstance(k, str) and _SURROGATE.search(k) for k in v):
+                return f"a key of {path or 'the body'}"
+            items = list(v.items())
+        else:
+            items = list(enumerate(v)) if isinstance(v, list) else []
+        stack.extend(reversed([(f"{path}.{k}" if path else str(k), x) for k, x in items]))
+    return None
+
+
+class _Checked(BaseModel):
+    """Refuses lone surrogates in any string of the body, naming the field (before any other
+    check, so no later step ever sees text it cannot encode)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _surrogate_at(data) if isinstance(data, dict) else None
+        if where:
+            field = where.removeprefix("a key of ").split(".")[0]
+            raise _FieldError(None if field == "the body" else field, f"a lone UTF-16 surrogate (\\ud800-\\udfff) at {where}: "
+                              "that is not valid Unicode text")
+        return data
+
+
+class _Lenient(_Checked):
     # OpenAI clients send fields we do not implement (user, logit_bias, ...); accept and ignore
-    # them rather than failing, as vLLM does. Fields that would change the output are checked
-    # explicitly in `SamplingFields._reject_unsupported`.
+    # them rather than failing, as vLLM does. Fields that would change the output are refused
+    # by the validators of `SamplingFields`.
     model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a final chunk with empty choices and usage."""
 
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingFields(_Lenient):
@@ -113,20 +164,20 @@ class SamplingFields(_Lenient):
     """
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
-    n: int = 1
-    stream: bool = False
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(default=-1, ge=-1)
+    n: Int = 1
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
-    ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    ignore_eos: Bool = False
+    min_tokens: Int = Field(default=0, ge=0)
     logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
 
     @field_validator("n")
     @classmethod
@@ -183,7 +234,7 @@ class SamplingFields(_Lenient):
 class _FieldError(ValueError):
     """A cross-field validation error that knows which field to blame (becomes ``param``)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str | None, message: str) -> None:
         super().__init__(message)
         self.field = field
 
@@ -194,11 +245,11 @@ class CompletionRequest(SamplingFields):
     A list of several prompts (OpenAI's batch form) is refused: one request = one sequence.
     """
 
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    max_tokens: Int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    echo: Bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -245,21 +296,46 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``. ``max_completion_tokens`` is OpenAI's newer name."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    add_generation_prompt: bool = True
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    add_generation_prompt: Bool = True
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class LoadLoraRequest(BaseModel):
-    """vLLM's ``POST /v1/load_lora_adapter`` body."""
+ADAPTER_NAME_RULE = ("1-200 characters from A-Z a-z 0-9 and '_' '.' '-' ':', starting with a letter, "
+                     "a digit or '_'")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}")
 
-    lora_name: str = Field(min_length=1, max_length=200)
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an adapter name (None if it can). The name is what clients put in
+    ``model``, so it is kept to characters that need no escaping anywhere: in URLs, log lines,
+    metric labels and file names (a ``/`` would read as a path)."""
+    if _ADAPTER_NAME.fullmatch(name):
+        return None
+    bad = sorted({c for c in name if not re.fullmatch(r"[A-Za-z0-9_.:-]", c)})
+    why = f"it has {''.join(bad)!r}" if bad else "it is too long" if len(name) > 200 else \
+        f"it starts with {name[:1]!r}"
+    return f"adapter name {name!r} is not allowed ({why}): use {ADAPTER_NAME_RULE}"
+
+
+class LoadLoraRequest(_Checked):
+    """vLLM's ``POST /v1/load_lora_adapter`` body. ``lora_name`` follows `ADAPTER_NAME_RULE`."""
+
+    lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
+    @field_validator("lora_name")
+    @classmethod
+    def _name_rule(cls, v: str) -> str:
+        problem = adapter_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
-class UnloadLoraRequest(BaseModel):
+
+class UnloadLoraRequest(_Checked):
     """vLLM's ``POST /v1/unload_lora_adapter`` body (``lora_int_id`` accepted and ignored)."""
 
     model_config = ConfigDict(extra="allow")
@@ -432,12 +508,15 @@ def _config_param(msg: str, default: str | None) -> str | None:
     return head if head and head.replace("_", "").isalnum() and ":" in msg else default
 
 
-def engine_error(exc: BaseException, *, prompt_param: str = "prompt", param: str | None = None) -> APIError:
+def engine_error(exc: BaseException, *, prompt_param: str = "prompt", param: str | None = None,
+                 max_tokens_param: str = "max_tokens") -> APIError:
     """Map an engine exception to an `APIError` (status + OpenAI error type/param/code).
 
     Args:
         exc: what the engine (or request construction) raised.
         prompt_param: the request field a ``prompt`` ConfigError blames (chat: ``messages``).
+        max_tokens_param: the field a ``max_tokens`` ConfigError blames (chat may have used
+            ``max_completion_tokens``).
         param: the field to blame regardless of the message (load endpoint: ``lora_path``).
     """
     if isinstance(exc, APIError):
@@ -458,7 +537,10 @@ def engine_error(exc: BaseException, *, prompt_param: str = "prompt", param: str
         p = _config_param(msg, param)
         if p == "prompt" or p == "prompt_token_ids":
             p = prompt_param
-        return APIError(400, msg, param=param or p, code="invalid_value")
+        elif p == "max_tokens":
+            p = max_tokens_param
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_value"
+        return APIError(400, msg, param=param or p, code=code)
     if isinstance(exc, UnsupportedModuleError):
         return APIError(400, msg, param=param, code="unsupported_adapter")
     if isinstance(exc, AdapterError):
@@ -477,12 +559,22 @@ def validation_error(exc: RequestValidationError) -> APIError:
     ctx_err = (err.get("ctx") or {}).get("error")
     param = getattr(ctx_err, "field", None) or (loc[0] if loc else None)
     if err.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
+        detail = (err.get("ctx") or {}).get("error") or err.get("msg")
+        return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     where = ".".join(loc) or param or "body"
     if where == "body" and err.get("type") in ("model_attributes_type", "dict_type"):
+        if isinstance(err.get("input"), (bytes, str)):  # FastAPI parses JSON only for a JSON content type
+            return APIError(400, "the request body was not read as JSON: send 'Content-Type: application/json'",
+                            code="invalid_json")
         msg = "the request body must be a JSON object"
     return APIError(400, f"{where}: {msg}", param=param, code="invalid_value")
+
+
+def unparseable_body() -> APIError:
+    """FastAPI's "error parsing the body" (bytes that are not UTF-8, JSON nested too deeply)."""
+    return APIError(400, "the request body could not be parsed as JSON (it must be UTF-8 JSON, nested at most a "
+                    "few hundred levels)", code="invalid_json")
 
 
 def _is_type_name(part: str) -> bool:

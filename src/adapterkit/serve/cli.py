@@ -6,8 +6,11 @@
 Every subdirectory of an ``--adapter-root`` that holds an adapter (native:
 ``adapter_config.json`` + ``adapter.safetensors``; PEFT: ``adapter_config.json`` +
 ``adapter_model.safetensors``) is registered at start under its directory name; the roots are
-also the only places ``POST /v1/load_lora_adapter`` may load from. ``--adapter NAME=PATH``
-registers one more adapter from any path (the operator's command line is trusted).
+also the only places ``POST /v1/load_lora_adapter`` may load from (an ``--adapter-root``
+turns runtime loading on). One that fails to register (corrupt files, another base, an
+invalid name) is skipped with a warning and listed as failed by ``GET /v1/adapters``; the
+server starts with the rest. ``--adapter NAME=PATH`` registers one more adapter from any path
+(the operator's command line is trusted); if that one fails, the server does not start.
 
 This module imports FastAPI/uvicorn only inside `run_serve`, so ``adapterkit --help`` works
 without the ``serve`` extra.
@@ -25,6 +28,7 @@ from typing import Any
 from adapterkit.errors import ConfigError
 
 log = logging.getLogger("adapterkit.serve")
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # = server.DEFAULT_MAX_BODY_BYTES (not imported: no FastAPI here)
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,6 +55,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $ADAPTERKIT_API_KEY)")
     s.add_argument("--unload-timeout", type=float, default=600.0,
                    help="seconds an unload waits for the adapter's requests to finish")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413 (default %(default)s = 4 MiB)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -65,10 +71,20 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
             raise ConfigError(f"--adapter: expected NAME=PATH, got {spec!r}")
+        name = name.strip()
         if name in out:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
-        out[name.strip()] = path.strip()
+        problem = _name_problem(name)
+        if problem:
+            raise ConfigError(f"--adapter: {problem}")
+        out[name] = path.strip()
     return out
+
+
+def _name_problem(name: str) -> str | None:
+    from adapterkit.serve.api import adapter_name_problem
+
+    return adapter_name_problem(name)
 
 
 def discover_adapters(roots: Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
@@ -142,16 +158,43 @@ def build_app(args: argparse.Namespace, engine: Any | None = None) -> Any:
         model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
         engine = Engine(model, tokenizer, config, model_name=base_model_name(args))
     try:
-        for name, path in {**discovered, **explicit}.items():
+        failures = register_discovered(engine, discovered)
+        for name, path in explicit.items():  # the operator named these: a failure stops the start
             info = engine.register_adapter(name, str(path))
             log.info("registered adapter %r (rank %d) from %s", name, info.rank, path)
+        return create_app(engine, adapter_roots=args.adapter_root, api_key=args.api_key,
+                          served_model_name=base_model_name(args), unload_timeout=args.unload_timeout,
+                          shutdown_engine=owns_engine, max_body_bytes=args.max_body_bytes,
+                          startup_failures=failures)
     except BaseException:
         if owns_engine:
             engine.shutdown()
         raise
-    return create_app(engine, adapter_roots=args.adapter_root, api_key=args.api_key,
-                      served_model_name=base_model_name(args), unload_timeout=args.unload_timeout,
-                      shutdown_engine=owns_engine)
+
+
+def register_discovered(engine: Any, discovered: dict[str, Path]) -> dict[str, tuple[str, str]]:
+    """Register the adapters found under the roots; one that fails is skipped, not fatal.
+
+    Args:
+        engine: the engine to register into.
+        discovered: name -> directory, from `discover_adapters`.
+    Returns:
+        The failures, name -> (path, reason); each is also logged as a warning.
+    """
+    failures: dict[str, tuple[str, str]] = {}
+    for name, path in discovered.items():
+        reason = _name_problem(name)
+        if reason is None:
+            try:
+                info = engine.register_adapter(name, str(path))
+            except Exception as exc:  # any reason: a bad directory must not keep the server down
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                log.info("registered adapter %r (rank %d) from %s", name, info.rank, path)
+                continue
+        log.warning("skipping adapter directory %s: %s", path, reason)
+        failures[name] = (str(path), reason)
+    return failures
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from adapterkit.serve.sampling import OutputState
 from adapterkit.serve.scheduler import Scheduler, Sequence
 from adapterkit.serve.types import (
     AdapterInfo,
+    ContextLengthError,
     EngineConfig,
     EngineStats,
     GenerationChunk,
@@ -193,25 +194,37 @@ class Engine:
         elif self.tokenizer is None:
             raise ConfigError("prompt: this engine has no tokenizer; send prompt_token_ids")
         else:
-            ids = list(self.tokenizer.encode(req.prompt))
+            try:
+                ids = list(self.tokenizer.encode(req.prompt))
+            except (TypeError, ValueError) as exc:  # e.g. a lone surrogate: the fast tokenizer raises TypeError
+                raise ConfigError(f"prompt: the tokenizer cannot encode it ({type(exc).__name__}: {exc})") from None
             if not ids:
                 raise ConfigError("prompt: encodes to zero tokens")
-        bad = [t for t in ids if t >= self.runner.vocab_size]
+        bad = [t for t in ids if not 0 <= t < self.runner.vocab_size]
         if bad:
-            raise ConfigError(f"prompt_token_ids: id {bad[0]} is outside the vocabulary (size {self.runner.vocab_size})")
+            raise ConfigError(f"prompt_token_ids: id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})")
         if len(ids) + 1 > cfg.max_model_len:
-            raise ConfigError(f"prompt: {len(ids)} tokens leave no room for output in max_model_len={cfg.max_model_len}")
+            raise ContextLengthError(f"prompt: {len(ids)} tokens leave no room for output in "
+                                     f"max_model_len={cfg.max_model_len}")
+        p = req.params
+        if req.strict_max_tokens and len(ids) + p.max_tokens > cfg.max_model_len:
+            raise ContextLengthError(
+                f"max_tokens: the prompt is {len(ids)} tokens and max_tokens={p.max_tokens}, together more than "
+                f"max_model_len={cfg.max_model_len}; at most {cfg.max_model_len - len(ids)} new tokens fit")
         if self.kv.pages_needed("", len(ids) + 1) > self.pool.num_pages:
             raise ConfigError(f"prompt: {len(ids)} tokens need more KV pages than the pool has ({self.pool.num_pages})")
-        if req.adapter is not None and (req.adapter not in self.store or req.adapter in self._closing):
-            raise AdapterNotFoundError(f"adapter {req.adapter!r} is not registered."
-                                       f"{did_you_mean(req.adapter, self.store.names())}")
-        p = req.params
+        self._check_adapter(req.adapter)  # again under the lock in submit: an unload may start meanwhile
         gen = None
         if not p.greedy:
             gen = torch.Generator().manual_seed(p.seed if p.seed is not None else cfg.seed + hash(req.request_id) % 2**31)
         out = OutputState(p, self.tokenizer, self.eos_ids, len(ids), cfg.max_model_len)
         return Sequence(req=req, prompt_ids=ids, out=out, sink=sink, generator=gen)
+
+    def _check_adapter(self, name: str | None) -> None:
+        """AdapterNotFoundError unless `name` is None or registered and not being unregistered."""
+        if name is not None and (name not in self.store or name in self._closing):
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered."
+                                       f"{did_you_mean(name, [n for n in self.store.names() if n not in self._closing])}")
 
     def submit(self, req: GenerationRequest, sink) -> Sequence:
         """Queue a request; `sink(chunk)` is called from the engine thread for every chunk."""
@@ -221,8 +234,10 @@ class Engine:
                 raise QueueFullError(f"request queue is full ({self.config.max_queue} waiting); retry later")
             if self.scheduler.find(req.request_id) is not None:
                 raise ConfigError(f"request_id: {req.request_id!r} is already in flight")
-            if req.adapter is not None and req.adapter not in self.store:  # unregistered meanwhile
-                raise AdapterNotFoundError(f"adapter {req.adapter!r} is not registered")
+            # Under the lock, the check that decides. The one in _make_seq runs unlocked (it
+            # tokenizes first): an unload that marks the adapter closing between the two must
+            # still refuse this request, or the unload would wait for it too.
+            self._check_adapter(req.adapter)
             self.scheduler.add(seq)
             self._cv.notify_all()
         return seq

@@ -4,8 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (stream and non-stream),
-``/v1/models``, ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/health``,
-``/metrics``. The request's ``model`` field names an adapter, or the base model (no adapter).
+``/v1/models``, ``/v1/adapters`` (every adapter's status, failed ones included),
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/health``, ``/metrics``. The request's ``model`` field names an adapter, or the base model (no adapter).
 Every error uses OpenAI's error JSON shape (see `adapterkit.serve.api`). See docs/serving.md.
 
 Client disconnects: a streamed or non-streamed generation whose client goes away is aborted
@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,6 +44,67 @@ log = logging.getLogger("adapterkit.serve")
 
 # ----------------------------------------------------------------------------- ASGI plumbing
 _COUNTED = ("/v1/completions", "/v1/chat/completions")
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a 128K-token context can take
+
+
+class ErrorJSON(JSONResponse):
+    """An error body, ASCII-escaped: a message quoting client input must always encode (a lone
+    surrogate in it would make the UTF-8 encoding of a plain JSONResponse fail)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: a request body over `limit` bytes gets 413 ``request_too_large``.
+
+    Checked from ``Content-Length`` before any byte is read, and while reading a body without
+    one (chunked): the 413 goes out as soon as the count passes the limit, before the rest
+    arrives. The body (at most `limit` bytes) is read here and replayed to the app, which would
+    buffer it whole anyway; later ``receive`` calls (disconnect watching) go to the client.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            parts.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes "
+                       "(--max-body-bytes).", code="request_too_large")
+        # the unread rest of the body cannot be skipped cheaply: close the connection after this
+        await ErrorJSON(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
 class _AuthAndCount:
@@ -63,7 +125,7 @@ class _AuthAndCount:
         if self.api_key is not None and not self._authorized(scope):
             err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
-            await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+            await ErrorJSON(err.body(), status_code=401)(scope, receive, send)
             if path in _COUNTED:  # fixed label set: arbitrary paths must not grow the registry
                 self.metrics.requests.labels(endpoint=path, status="401").inc()
             return
@@ -148,12 +210,16 @@ class _Generation:
 
 
 class Server:
-    """The state behind one app: engine, adapter roots, per-name locks, metrics."""
+    """The state behind one app: engine, adapter roots, per-name locks, metrics, and the
+    adapters that failed to register at start (name -> (path, reason))."""
 
     def __init__(self, engine: EngineProtocol, adapter_roots: Sequence[str | os.PathLike[str]] = (),
                  api_key: str | None = None, served_model_name: str | None = None,
-                 unload_timeout: float | None = 600.0) -> None:
+                 unload_timeout: float | None = 600.0,
+                 startup_failures: Mapping[str, tuple[str, str]] | None = None) -> None:
         self.engine = engine
+        self.failed: dict[str, tuple[str, str]] = dict(startup_failures or {})
+        self.unloading: set[str] = set()
         self.roots = [Path(os.path.realpath(r)) for r in adapter_roots]
         self.api_key = api_key
         self.model_name = served_model_name or engine.model_name
@@ -183,7 +249,12 @@ class Server:
         return None if model in self.base_names() else model
 
     async def not_found(self, model: str) -> APIError:
-        """404 for an unknown ``model``, listing the closest valid names."""
+        """404 for an unknown ``model``, listing the closest valid names (or, for an adapter
+        that failed to register at start, why)."""
+        if model in self.failed:
+            path, reason = self.failed[model]
+            return APIError(404, f"The model {model!r} does not exist: the adapter at {path} failed to load at "
+                            f"start: {reason}", param="model", code="model_not_found")
         names = [self.model_name, *await self.adapter_names()]
         return APIError(404, f"The model {model!r} does not exist: it is neither the base model "
                         f"{self.model_name!r} nor a registered adapter." + did_you_mean(model, names),
@@ -242,8 +313,8 @@ class Server:
         except ConfigError as exc:
             raise engine_error(exc) from None
 
-    async def start(self, greq: GenerationRequest, gen: _Generation, prompt_param: str
-                    ) -> tuple[AsyncIterator[GenerationChunk], GenerationChunk]:
+    async def start(self, greq: GenerationRequest, gen: _Generation, prompt_param: str,
+                    max_tokens_param: str = "max_tokens") -> tuple[AsyncIterator[GenerationChunk], GenerationChunk]:
         """Submit and wait for the first chunk, so submit errors become HTTP statuses."""
         stream = self.engine.generate(greq)
         try:
@@ -255,7 +326,7 @@ class Server:
             if isinstance(exc, AdapterNotFoundError) and greq.adapter is not None:
                 raise await self.not_found(greq.adapter) from None
             if isinstance(exc, Exception):
-                raise engine_error(exc, prompt_param=prompt_param) from None
+                raise engine_error(exc, prompt_param=prompt_param, max_tokens_param=max_tokens_param) from None
             raise
         self._account(gen, first)
         return stream, first
@@ -326,7 +397,9 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathLike[str]] = (),
                api_key: str | None = None, served_model_name: str | None = None,
-               unload_timeout: float | None = 600.0, shutdown_engine: bool = False) -> FastAPI:
+               unload_timeout: float | None = 600.0, shutdown_engine: bool = False,
+               max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+               startup_failures: Mapping[str, tuple[str, str]] | None = None) -> FastAPI:
     """Build the FastAPI app around a running engine.
 
     Args:
@@ -336,8 +409,17 @@ def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathL
         served_model_name: the base model's name in ``model`` / ``/v1/models`` (default engine.model_name).
         unload_timeout: seconds an unload waits for the adapter's requests before giving up (503).
         shutdown_engine: call ``engine.shutdown()`` when the app stops (the CLI owns its engine).
+        max_body_bytes: larger request bodies get 413 (None: no limit).
+        startup_failures: adapters that failed to register before the app was built, as
+            name -> (path, reason); listed by ``/v1/adapters`` and named in 404s.
+
+    Raises:
+        ConfigError: `max_body_bytes` is not None and not a positive int.
     """
-    srv = Server(engine, adapter_roots, api_key, served_model_name, unload_timeout)
+    if max_body_bytes is not None and (isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int)
+                                       or max_body_bytes < 1):
+        raise ConfigError(f"max_body_bytes: must be None or an int >= 1, got {max_body_bytes!r}")
+    srv = Server(engine, adapter_roots, api_key, served_model_name, unload_timeout, startup_failures)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -347,27 +429,34 @@ def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathL
 
     app = FastAPI(title="adapterkit", lifespan=lifespan)
     app.state.server = srv
+    if max_body_bytes is not None:  # added first = inside the auth check: no key, nothing is read
+        app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.add_middleware(_AuthAndCount, api_key=api_key, metrics=srv.metrics)
     _add_routes(app, srv)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return ErrorJSON(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
+        return ErrorJSON(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's only 400: "There was an error parsing the body"
+            err = api.unparseable_body()
+            return ErrorJSON(err.body(), status_code=400)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(api.error_body(str(exc.detail), kind), status_code=exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ErrorJSON(api.error_body(str(exc.detail), kind, code=code), status_code=exc.status_code,
+                         headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         err = engine_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
+        return ErrorJSON(err.body(), status_code=err.status)
 
     return app
 
@@ -396,16 +485,31 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         data += [api.model_card(a.name, "adapterkit", a.source, srv.model_name) for a in infos]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/adapters")
+    async def adapters() -> dict[str, Any]:
+        """Every adapter the server knows: ``ready`` (registered), ``unloading`` (an unload is
+        waiting for its requests) or ``failed`` (did not register at start; ``error`` says why)."""
+        infos = await anyio.to_thread.run_sync(engine.list_adapters)
+        data = [{"name": a.name, "status": "unloading" if a.name in srv.unloading else "ready", "path": a.source,
+                 "method": a.method, "rank": a.rank, "loaded": a.loaded, "running_requests": a.running_requests}
+                for a in infos]
+        data += [{"name": n, "status": "failed", "path": p, "error": why} for n, (p, why) in sorted(srv.failed.items())]
+        return {"object": "list", "data": data}
+
     async def run(request: Request, body: api.SamplingFields, greq_kwargs: dict[str, Any], max_tokens: int,
-                  prompt_param: str, chat: bool) -> Response:
+                  prompt_param: str, chat: bool, max_tokens_param: str | None) -> Response:
+        """Generate for one request. `max_tokens_param`: the field the client set max_tokens
+        with (prompt + it must fit the context: 400 otherwise), None if it used the default."""
         adapter = srv.resolve_model(body.model)
         try:
-            greq = GenerationRequest(adapter=adapter, params=srv.sampling(body, max_tokens), **greq_kwargs)
+            greq = GenerationRequest(adapter=adapter, params=srv.sampling(body, max_tokens),
+                                     strict_max_tokens=max_tokens_param is not None, **greq_kwargs)
         except ConfigError as exc:
             raise engine_error(exc, prompt_param=prompt_param) from None
         gen = _Generation()
         # watched too: a client that leaves while its request is still queued is aborted now
-        stream, first = await _until_disconnect(request, srv.start(greq, gen, prompt_param))
+        stream, first = await _until_disconnect(
+            request, srv.start(greq, gen, prompt_param, max_tokens_param or "max_tokens"))
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         chunks = srv.chunks(stream, first, greq, gen)
         if body.stream:
@@ -430,7 +534,10 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
         prompt = body.prompt
         kwargs = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
-        return await run(request, body, kwargs, body.max_tokens or 16, "prompt", chat=False)
+        # the default (16) is capped to the room the prompt leaves; an explicit value must fit
+        explicit = body.max_tokens is not None and "max_tokens" in body.model_fields_set
+        return await run(request, body, kwargs, body.max_tokens or 16, "prompt", chat=False,
+                         max_tokens_param="max_tokens" if explicit else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
@@ -439,23 +546,24 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             raise await srv.not_found(adapter)  # 404 before any template work (the engine re-checks)
         ids = srv.chat_prompt(body)
         max_tokens = body.max_new_tokens() or max(1, engine.config.max_model_len - len(ids))
-        return await run(request, body, {"prompt_token_ids": ids}, max_tokens, "messages", chat=True)
+        field = None if body.max_new_tokens() is None else \
+            "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        return await run(request, body, {"prompt_token_ids": ids}, max_tokens, "messages", chat=True,
+                         max_tokens_param=field)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: api.LoadLoraRequest) -> dict[str, Any]:
         name = body.lora_name
-        if name in srv.base_names():
+        if name in srv.base_names():  # the character set is checked by the schema (api.ADAPTER_NAME_RULE)
             raise APIError(400, f"lora_name {name!r} is the base model's name; pick another",
                            param="lora_name", code="invalid_value")
-        if any(ord(c) < 32 for c in name):
-            raise APIError(400, "lora_name must not contain control characters", param="lora_name",
-                           code="invalid_value")
         path = resolve_adapter_path(body.lora_path, srv.roots)
         async with srv.name_lock(name):
             try:
                 info = await anyio.to_thread.run_sync(engine.register_adapter, name, str(path))
             except Exception as exc:
                 raise engine_error(exc, param="lora_path") from None
+        srv.failed.pop(name, None)  # a start-up failure of this name is history now
         log.info("loaded adapter %r from %s (rank %d)", name, path, info.rank)
         return {"status": "ok", "message": f"Success: LoRA adapter '{name}' added successfully.",
                 "adapter": {"name": info.name, "path": info.source, "rank": info.rank, "method": info.method}}
@@ -470,12 +578,15 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
                                param="lora_name", code="model_not_found")
             # Waits for the adapter's queued and running requests (new ones get 404 meanwhile).
             fn = partial(engine.unregister_adapter, name, wait=True, timeout=srv.unload_timeout)
+            srv.unloading.add(name)
             try:
                 await anyio.to_thread.run_sync(fn)
             except Exception as exc:
                 err = engine_error(exc, param="lora_name")
                 err.param = "lora_name"  # also for a 404 from a race with another unloader
                 raise err from None
+            finally:
+                srv.unloading.discard(name)
         log.info("unloaded adapter %r", name)
         return {"status": "ok", "message": f"Success: LoRA adapter '{name}' removed successfully."}
 

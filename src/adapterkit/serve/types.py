@@ -33,6 +33,12 @@ from adapterkit.errors import ConfigError
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
+class ContextLengthError(ConfigError):
+    """A request does not fit in ``max_model_len``: the prompt alone, or the prompt plus an
+    explicit ``max_tokens`` (`GenerationRequest.strict_max_tokens`). The message starts with the
+    field at fault (``"prompt: ..."``, ``"max_tokens: ..."``)."""
+
+
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}: {msg}")
@@ -113,13 +119,20 @@ class SamplingParams:
 @dataclass
 class GenerationRequest:
     """One prompt for one adapter (None = base model). Give `prompt` (needs a tokenizer) or
-    `prompt_token_ids` (takes precedence)."""
+    `prompt_token_ids` (takes precedence).
+
+    `strict_max_tokens`: False (default) caps the output at the room the context leaves
+    (finish_reason "length"); True refuses at submit, with `ContextLengthError`, a request whose
+    prompt + ``params.max_tokens`` exceed ``max_model_len`` (the HTTP layer sets it when the
+    client gave ``max_tokens``, as vLLM answers 400 there).
+    """
 
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     adapter: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    strict_max_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt is None and self.prompt_token_ids is None:
