@@ -9,6 +9,7 @@ from adapterkit.compose import merge_adapters
 from adapterkit.compose.merge import dare, prune_magnitude, svd_factors, ties
 from adapterkit.errors import ConfigError
 from adapterkit.methods.dora import DoRAConfig
+from _device_check import DeviceMixCheck
 from conftest import randomize_adapters, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
@@ -176,3 +177,109 @@ def test_sparse_diffs_merge_exactly(tmp_path):
     assert (m(x).logits - ref).abs().max().item() <= 1e-5
     with pytest.raises(ConfigError, match="sparse"):
         merge_adapters(m, {"lang": 1.0}, method="svd", name="bad")
+
+
+# -- devices and dtypes: bf16 models, CUDA, and no CPU-made tensor meeting a model elsewhere -------
+METHODS = ["cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+def _mixed_model(method, meta=False):
+    """Adapters of several ranks on q/v, one on q/k (so cat pads with zero blocks), DoRA
+    where the method takes it (linear needs equal ranks)."""
+    names = ["lora_r4"] if method == "linear" else sorted(VARIANTS)
+    if meta:
+        with torch.device("meta"):
+            m = tiny_llama()
+    else:
+        m = tiny_llama()
+    for n in names:
+        ak.add_adapter(m, n, VARIANTS[n]())
+    ak.add_adapter(m, "qk", ak.LoRAConfig(r=4, alpha=4, targets=["q_proj", "k_proj"]))
+    names.append("qk")
+    if method not in ("cat", "linear"):
+        ak.add_adapter(m, "dora", DoRAConfig(r=3, alpha=6, targets=TARGETS))
+        names.append("dora")
+    if not meta:
+        randomize_adapters(m, std=0.2)
+    return m, {n: 0.4 + 0.3 * i for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_merge_matches_fp32(method, device):
+    """The same adapters on a bf16 model (on ``device``) and on an fp32 CPU copy holding the
+    same (bf16-rounded) values: the bf16 merge is bf16, on the device, and equals the fp32
+    merge up to bf16 rounding of the result."""
+    import copy
+
+    m16, w = _mixed_model(method)
+    m16.to(torch.bfloat16)
+    m32 = copy.deepcopy(m16).float()
+    m16.to(device)
+    for m in (m16, m32):
+        merge_adapters(m, w, method=method, name="m", r=6, density=0.5, seed=3)
+    for h, p16 in _all_hosts(m16, "m").items():
+        assert (p16.A.dtype, p16.B.dtype) == (torch.bfloat16, torch.bfloat16)
+        assert p16.A.device.type == device and p16.B.device.type == device
+        got = (p16.b_2d().float() @ p16.a_2d().float()).cpu()
+        p32 = _all_hosts(m32, "m")[h]
+        want = p32.b_2d() @ p32.a_2d()
+        # factors rounded to bf16 (relative 2^-9 each)
+        tol = 2e-2 * want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=tol, rtol=2e-2, msg=f"{method} on {h}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_on_meta_makes_no_cpu_tensor(method):
+    """Without a GPU: on a 'meta' model, any tensor the merge builds on the CPU (a zero
+    block, a weight vector, a DARE mask) meets a meta tensor, which a dispatch mode reports."""
+    m, w = _mixed_model(method, meta=True)
+    check = DeviceMixCheck()
+    with check:
+        merge_adapters(m, w, method=method, name="m", r=4, density=0.5)
+    assert check.mixed == []
+    assert all(p.device.type == "meta" for p in ak.api.adapter_parameters(m, "m").values())
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_sparse_diffs_merge_on_bf16(device):
+    from adapterkit.methods.sft import SFTConfig, prepare_sft
+
+    m = tiny_llama().to(device=device, dtype=torch.bfloat16)
+    hosts = [n for n, mod in m.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    g = torch.Generator().manual_seed(0)
+    for name in ("lang", "task"):
+        idx = {h: torch.randperm(dict(m.named_modules())[h].weight.numel(), generator=g)[:40].to(device) for h in hosts}
+        ak.add_adapter(m, name, prepare_sft(m, SFTConfig(targets=["q_proj", "v_proj"]), indices=idx))
+    randomize_adapters(m, std=0.2)
+    merge_adapters(m, {"lang": 0.5, "task": 2.0}, method="linear", name="both")
+    for h in hosts:
+        p = ak.api.get_record(m, "both").pieces[h]
+        assert p.values.dtype == torch.bfloat16 and p.values.device.type == device
+        want = (0.5 * ak.api.get_record(m, "lang").pieces[h].dense_2d().float()
+                + 2.0 * ak.api.get_record(m, "task").pieces[h].dense_2d().float())
+        torch.testing.assert_close(p.dense_2d().float(), want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_keep_dtype(dtype):
+    d = torch.randn(6, 5).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    assert prune_magnitude(d, 0.5).dtype == dtype
+    assert dare(d, 0.5, g).dtype == dtype
+    assert ties(torch.stack([d, -d, d]), torch.ones(3, 1, 1)).dtype == dtype
+    b, a = svd_factors(d, 3)
+    assert (b.dtype, a.dtype) == (dtype, dtype)
+    torch.testing.assert_close((b.float() @ a.float()), svd_factors(d.float(), 3)[0] @ svd_factors(d.float(), 3)[1],
+                               atol=5e-2, rtol=5e-2)
+
+
+def test_dare_masks_do_not_depend_on_the_device():
+    d = torch.randn(50, 40)
+    a = dare(d, 0.3, torch.Generator().manual_seed(7))
+    b = dare(d.to("meta"), 0.3, torch.Generator().manual_seed(7))
+    assert b.device.type == "meta" and a.shape == b.shape
+    if torch.cuda.is_available():
+        torch.testing.assert_close(dare(d.cuda(), 0.3, torch.Generator().manual_seed(7)).cpu(), a)

@@ -25,6 +25,11 @@ their positions with the weighted sum of their values (exact).
    is not a product of its factors).
 
 The result has ``alpha = r`` (scaling 1): all scales are folded into B.
+
+Devices and dtypes: everything is computed in fp32 on the adapters' own device (a CUDA
+model merges on CUDA), then cast once to the new adapter's dtype (bf16 stays bf16). DARE's
+random masks are drawn on the CPU from ``seed`` and moved to that device, so one seed gives
+the same merge on every device.
 """
 from __future__ import annotations
 
@@ -87,7 +92,7 @@ def merge_adapters(
         raise ConfigError(f"r must be a positive integer, got {r_new!r}")
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # CPU: the same masks whatever the device
     for h in hosts:
         pieces = {n: rec.pieces.get(h) for n, rec in recs.items()}
         ref = next(p for p in pieces.values() if p is not None)
@@ -108,8 +113,8 @@ def merge_adapters(
             for h, piece in rec.pieces.items():
                 assert isinstance(piece, LoRAPiece)
                 b, a = factors[h]
-                piece.A.copy_(a.reshape(piece.A.shape).to(piece.A.dtype))
-                piece.B.copy_(b.reshape(piece.B.shape).to(piece.B.dtype))
+                piece.A.copy_(a.reshape(piece.A.shape).to(device=piece.A.device, dtype=piece.A.dtype))
+                piece.B.copy_(b.reshape(piece.B.shape).to(device=piece.B.device, dtype=piece.B.dtype))
     except BaseException:
         delete_adapter(model, name)
         raise
@@ -130,16 +135,17 @@ def _merge_sparse(model: nn.Module, recs, weights: Mapping[str, float], method: 
     values: dict[str, torch.Tensor] = {}
     for h in hosts:
         pieces = [(weights[n], rec.pieces[h]) for n, rec in recs.items() if h in rec.pieces]
-        idx = torch.cat([p.indices.cpu() for _, p in pieces])
-        val = torch.cat([w * p.values.detach().float().cpu() for w, p in pieces])
+        dev = pieces[0][1].values.device
+        idx = torch.cat([p.indices.to(dev) for _, p in pieces])
+        val = torch.cat([w * p.values.detach().to(dev, torch.float32) for w, p in pieces])
         union[h], inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        values[h] = torch.zeros(union[h].numel()).index_add(0, inverse, val)
+        values[h] = torch.zeros(union[h].numel(), device=dev, dtype=torch.float32).index_add(0, inverse, val)
     targets = "^(" + "|".join(re.escape(h) for h in hosts) + ")$"
     cfg = prepare_sft(model, SFTConfig(targets=targets), indices=union)
     rec = add_adapter(model, name, cfg)
     with torch.no_grad():
         for h, piece in rec.pieces.items():
-            piece.values.copy_(values[h].to(piece.values.dtype))
+            piece.values.copy_(values[h].to(device=piece.values.device, dtype=piece.values.dtype))
     return name
 
 
@@ -147,18 +153,25 @@ def _merge_sparse(model: nn.Module, recs, weights: Mapping[str, float], method: 
 def _delta_2d(p: LoRAPiece) -> torch.Tensor:
     """The piece's effective weight delta as an fp32 matrix (out, in)."""
     with torch.no_grad():
-        if isinstance(p, DoRAMixin):
-            return p.as_2d(p.delta_weight()).float()
+        if isinstance(p, DoRAMixin):  # W' - W formed in fp32 (in bf16 it would keep a few bits)
+            w = p.host.weight.detach().float()
+            return p.as_2d(p.merged_weight(w) - w)
         return (p.b_2d().float() @ p.a_2d().float()) * p.scaling
 
 
+def _device(pieces) -> torch.device:
+    """The device of the module's pieces (they live with their host's weight)."""
+    return next(p for p in pieces.values() if p is not None).a_2d().device
+
+
 def _cat(pieces, weights, ranks, out_f, in_f):
+    dev, f32 = _device(pieces), torch.float32
     bs, as_ = [], []
     for n, p in pieces.items():
         r = ranks[n]
         if p is None:  # this adapter has no piece on the module: zero block keeps ranks uniform
-            bs.append(torch.zeros(out_f, r))
-            as_.append(torch.zeros(r, in_f))
+            bs.append(torch.zeros(out_f, r, device=dev, dtype=f32))
+            as_.append(torch.zeros(r, in_f, device=dev, dtype=f32))
         else:
             bs.append(p.b_2d().detach().float() * (weights[n] * p.scaling))
             as_.append(p.a_2d().detach().float())
@@ -166,8 +179,9 @@ def _cat(pieces, weights, ranks, out_f, in_f):
 
 
 def _linear(pieces, weights, r, out_f, in_f):
-    b = torch.zeros(out_f, r)
-    a = torch.zeros(r, in_f)
+    dev, f32 = _device(pieces), torch.float32
+    b = torch.zeros(out_f, r, device=dev, dtype=f32)
+    a = torch.zeros(r, in_f, device=dev, dtype=f32)
     for n, p in pieces.items():
         if p is None:
             continue
@@ -179,19 +193,29 @@ def _linear(pieces, weights, r, out_f, in_f):
 
 
 def svd_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B @ A the best rank-r approximation of ``delta`` (Eckart-Young)."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    """(B, A) with B @ A the best rank-r approximation of ``delta`` (Eckart-Young).
+
+    Args:
+        delta: (out, in), any float dtype and device.
+        r: the rank of the factors; columns beyond ``delta``'s rank are zero.
+
+    Returns:
+        B (out, r) and A (r, in) on ``delta``'s device in its dtype (the SVD itself runs in
+        fp32 at least: half-precision SVD is unsupported and too imprecise).
+    """
+    work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+    U, S, Vh = torch.linalg.svd(work, full_matrices=False)
     k = min(r, S.numel())
-    b = torch.zeros(delta.shape[0], r)
-    a = torch.zeros(r, delta.shape[1])
+    b = torch.zeros(delta.shape[0], r, device=delta.device, dtype=work.dtype)
+    a = torch.zeros(r, delta.shape[1], device=delta.device, dtype=work.dtype)
     b[:, :k] = U[:, :k] * S[:k]
     a[:k] = Vh[:k]
-    return b, a
+    return b.to(delta.dtype), a.to(delta.dtype)
 
 
 def _combine(method: str, deltas: list[tuple[float, torch.Tensor]], density: float, gen: torch.Generator):
-    ws = torch.tensor([w for w, _ in deltas]).view(-1, 1, 1)
     D = torch.stack([d for _, d in deltas])  # (n, out, in)
+    ws = torch.tensor([w for w, _ in deltas], device=D.device, dtype=D.dtype).view(-1, 1, 1)
     if method == "svd":
         return (ws * D).sum(0)
     if method == "magnitude_prune":
@@ -216,18 +240,21 @@ def prune_magnitude(d: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dare(d: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    """DARE (Yu et al., 2023): drop each entry with prob 1-density, rescale kept ones by 1/density."""
+    """DARE (Yu et al., 2023): drop each entry with prob 1-density, rescale kept ones by 1/density.
+
+    The mask is drawn from ``gen`` (a CPU generator) and moved to ``d``'s device: the same
+    seed drops the same entries on every device."""
     if density >= 1.0:
         return d
-    keep = torch.rand(d.shape, generator=gen) < density
+    keep = (torch.rand(d.shape, generator=gen, device=gen.device) < density).to(d.device)
     return torch.where(keep, d / density, torch.zeros_like(d))
 
 
 def ties(D: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     """TIES (Yadav et al., 2023) on trimmed deltas ``D`` (n, out, in) with weights ``ws`` (n,1,1):
     elect each entry's sign from the weighted sum, average the weighted entries that agree."""
-    W = ws * D
-    sign = torch.where(W.sum(0) >= 0, 1.0, -1.0)
+    W = ws.to(device=D.device, dtype=D.dtype) * D
+    sign = torch.where(W.sum(0) >= 0, 1.0, -1.0).to(W.dtype)
     agree = (torch.sign(W) == sign) & (W != 0)
     total = (W * agree).sum(0)
     count = agree.sum(0).clamp(min=1)

@@ -316,6 +316,15 @@ def main_output(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the main output tensor in a {type(out).__name__}")
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 if it is half precision (bf16/fp16), else unchanged (fp64 stays fp64).
+
+    For merge math whose result is a small difference of large terms (W' - W, B A - B0 A0):
+    computed in bf16 the difference keeps only a few bits; callers cast the result back to
+    the weight's dtype explicitly."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _main_input(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
     """The host's main input tensor and a function that puts a replacement back."""
     if args and isinstance(args[0], torch.Tensor):

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import MethodSpec, register
-from .base import AdapterConfig, AdapterModule, main_input
+from .base import AdapterConfig, AdapterModule, main_input, upcast
 from .lora_xs import LinearPiece, attach_linear, check_float, check_positive_int, find_linear_hosts, run_batch, stash, take
 
 
@@ -124,7 +124,9 @@ class CorDAPiece(LinearPiece):
         return y + ((new - old) * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.to_host_layout(self.scaling * (self.lora_B @ self.lora_A - self.corda_B0 @ self.corda_A0))
+        # B A - B0 A0 cancels (both start equal): formed in fp32 at least, then cast back
+        d = upcast(self.lora_B) @ upcast(self.lora_A) - upcast(self.corda_B0) @ upcast(self.corda_A0)
+        return self.to_host_layout((self.scaling * d).to(self.lora_A.dtype))
 
 
 def attach(model: nn.Module, name: str, cfg: AdapterConfig) -> dict[str, AdapterModule]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import MethodSpec, register
-from .base import AdapterConfig, AdapterModule
+from .base import AdapterConfig, AdapterModule, upcast
 from .lora import LoRAConfig, LoRAConv2d, LoRAEmbedding, LoRALinear, LoRAPiece, attach_pieces, export
 
 
@@ -56,7 +56,7 @@ class DoRAMixin:
         """||W + s B A|| per output row, (out,), for W = ``w2`` (out, in) or the host weight.
         The LoRA product enters detached, as in PEFT."""
         w = self.weight_2d() if w2 is None else w2
-        lora = (self.b_2d() @ self.a_2d()).detach().to(w.dtype)
+        lora = (self.b_2d().to(w.dtype) @ self.a_2d().to(w.dtype)).detach()  # fp32 when w is (merge math)
         return torch.linalg.norm(w + self.scaling * lora, dim=1)
 
     def _scale(self: LoRAPiece) -> torch.Tensor:
@@ -81,20 +81,22 @@ class DoRAMixin:
         """(m / n) (W + s B A) for a weight ``w`` in the host's layout; returns the host layout."""
         w2 = self.as_2d(w)
         scale = (self.lora_magnitude_vector.reshape(-1) / self._norm(w2)).to(w.dtype)[:, None]
-        v = w2 + self.scaling * (self.b_2d() @ self.a_2d()).to(w.dtype)
+        v = w2 + self.scaling * (self.b_2d().to(w.dtype) @ self.a_2d().to(w.dtype))
         return self.to_host_layout(scale * v)
 
     def delta_weight(self: LoRAPiece) -> torch.Tensor:
-        """W' - W, with W' = (m/n) (W + s B A) (host layout)."""
+        """W' - W, with W' = (m/n) (W + s B A) (host layout), in W's dtype. Formed in fp32 at
+        least: in bf16, W' - W would keep only the few bits W' and W do not share."""
         w = self.host.weight
-        return self.merged_weight(w) - w
+        w32 = upcast(w)
+        return (self.merged_weight(w32) - w32).to(w.dtype)
 
     def merge(self: LoRAPiece) -> None:
         self.check_mergeable()
         w = self.host.weight
         with torch.no_grad():
             before = w.detach().clone()
-            w.copy_(self.merged_weight(before))
+            w.copy_(self.merged_weight(upcast(before)).to(w.dtype))  # fp32 math, one rounding
         # W' is not W + (a function of the adapter alone): keep W to undo exactly
         self.register_buffer("_w_before_merge", before, persistent=False)
         self.merged = True
@@ -102,7 +104,7 @@ class DoRAMixin:
     def unmerge(self: LoRAPiece) -> None:
         w, before = self.host.weight, self._w_before_merge
         with torch.no_grad():
-            merged = self.merged_weight(before)  # deterministic: bit-equal to what merge wrote
+            merged = self.merged_weight(upcast(before)).to(w.dtype)  # bit-equal to what merge wrote
             if torch.equal(w, merged):
                 w.copy_(before)
             else:  # W changed since (e.g. another adapter merged on top): take back only our change

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..registry import MethodSpec, register
-from .base import AdapterConfig, AdapterModule
+from .base import AdapterConfig, AdapterModule, upcast
 from .lora_xs import LinearPiece, attach_linear, check_float, check_positive_int, svd_top
 
 
@@ -78,7 +78,10 @@ class SORSAPiece(LinearPiece):
         return (self.sorsa_U * self.sorsa_S) @ self.sorsa_Vh
 
     def delta_weight(self) -> torch.Tensor:
-        return self.to_host_layout(self.principal() - (self.sorsa_U0 * self.sorsa_S0) @ self.sorsa_Vh0)
+        # W_p - W_p0: a small difference of two large products, so formed in fp32 at least
+        new = (upcast(self.sorsa_U) * upcast(self.sorsa_S)) @ upcast(self.sorsa_Vh)
+        old = (upcast(self.sorsa_U0) * upcast(self.sorsa_S0)) @ upcast(self.sorsa_Vh0)
+        return self.to_host_layout((new - old).to(self.sorsa_U.dtype))
 
     def regularization(self) -> torch.Tensor | None:
         if self.gamma == 0:
