@@ -105,13 +105,13 @@ def _same_as_saved(model: nn.Module, path: Path) -> None:
 
 def test_saves_killed_mid_write_are_cleaned_by_the_next_save(tmp_path):
     target = tmp_path / "adapters" / "big"
-    kids = [_spawn(tmp_path, "pause", target) for _ in range(3)]
+    kids = [_spawn(tmp_path, "pause", target) for _ in range(2)]
     temps = [Path(_ready(k)) for k in kids]
     for t in temps:  # each killed writer holds a temp with its 16 MB of weights
         assert t.parent == target.parent and (t / "adapter.safetensors").stat().st_size > 16e6
     for k in kids:
         _kill(k)
-    assert len(_temps(target.parent)) == 3 and not target.exists()
+    assert len(_temps(target.parent)) == 2 and not target.exists()
 
     model = _small()
     ak.save_adapter(model, "a", target)
