@@ -213,6 +213,12 @@ def test_bad_adapter_name(llama):
         ak.add_adapter(llama, "a.b", ak.LoRAConfig())
 
 
+def test_adapter_name_shadowing_a_module_attribute_is_refused(llama):
+    with pytest.raises(ConfigError, match="adapter name 'half' .*attribute of torch.nn.ModuleDict"):
+        ak.add_adapter(llama, "half", ak.LoRAConfig(r=2))
+    assert ak.list_adapters(llama) == []
+
+
 def test_not_a_config(llama):
     with pytest.raises(ConfigError, match="config must be"):
         ak.add_adapter(llama, "a", {"r": 8})  # type: ignore[arg-type]
@@ -276,3 +282,121 @@ def test_pickle_round_trip(llama, ids, tmp_path):
     torch.testing.assert_close(back(ids).logits, ref, atol=0, rtol=0)
     ak.set_adapter(back, "b")
     assert ak.api.active_adapters(llama) == ("a",)
+
+
+# -- PEFT habits ------------------------------------------------------------------------
+def test_parameter_summary_counts_and_prints(llama, capsys):
+    _two(llama)
+    s = ak.parameter_summary(llama)
+    total = sum(p.numel() for p in llama.parameters())
+    a = 2 * (4 * (64 + 64) + 4 * (64 + 32))
+    b = 2 * (2 * (64 + 64) + 2 * (64 + 128))
+    assert (s.trainable, s.total) == (a + b, total)
+    assert s.percent == pytest.approx(100 * (a + b) / total)
+    assert [(x.name, x.method, x.params, x.trainable, x.active) for x in s.adapters] == [
+        ("a", "lora", a, a, True), ("b", "lora", b, b, False)]
+    assert s.to_dict()["adapters"][1]["params"] == b
+    ak.print_trainable_parameters(llama)
+    out = capsys.readouterr().out
+    assert out.startswith(f"trainable params: {a + b:,} || all params: {total:,} || trainable%: {s.percent:.4f}\n")
+    assert "  a (lora, active): " in out and "  b (lora): " in out
+
+
+def test_disable_adapters_runs_the_base_and_restores(llama, ids):
+    base = llama(ids).logits
+    _two(llama)
+    ak.set_adapter(llama, ["a", "b"])
+    both = llama(ids).logits
+    with ak.disable_adapters(llama):
+        torch.testing.assert_close(llama(ids).logits, base, rtol=0, atol=0)
+    assert ak.api.active_adapters(llama) == ("a", "b")
+    torch.testing.assert_close(llama(ids).logits, both, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="boom"), ak.disable_adapters(llama):
+        raise RuntimeError("boom")
+    assert ak.api.active_adapters(llama) == ("a", "b")
+    with ak.adapter_batch(llama, ["a", None]), ak.disable_adapters(llama):
+        torch.testing.assert_close(llama(ids).logits, base, rtol=0, atol=0)
+
+
+def test_disable_adapters_with_a_merged_adapter_and_a_composition(llama, ids):
+    base = llama(ids).logits
+    _two(llama)
+    ak.merge_into_base(llama, "a")
+    merged = llama(ids).logits
+    with ak.disable_adapters(llama):
+        torch.testing.assert_close(llama(ids).logits, base, atol=1e-5, rtol=0)
+    assert ak.api._is_merged(ak.api.get_record(llama, "a"))
+    torch.testing.assert_close(llama(ids).logits, merged, atol=1e-5, rtol=0)
+    ak.unmerge_from_base(llama, "a")
+    ak.set_adapter(llama, ak.Parallel("a", "b"))
+    par = llama(ids).logits
+    with ak.disable_adapters(llama):  # the merge round trip above moved the base by ulps
+        torch.testing.assert_close(llama(ids).logits, base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(llama(ids).logits, par, rtol=0, atol=0)
+
+
+def test_merge_and_unload_folds_the_active_adapters_and_returns_the_model(llama, ids):
+    _two(llama)
+    ak.set_adapter(llama, ["a", "b"])
+    want = llama(ids).logits
+    keys = {k for k in llama.state_dict() if ".adapterkit." not in k}
+    out = ak.merge_and_unload(llama)
+    assert out is llama and ak.list_adapters(llama) == []
+    assert set(llama.state_dict()) == keys
+    torch.testing.assert_close(llama(ids).logits, want, atol=1e-5, rtol=0)
+
+
+def test_merge_and_unload_refuses_a_non_mergeable_active_adapter_untouched(llama, ids):
+    ak.add_adapter(llama, "a", ak.LoRAConfig(r=2))
+    ak.add_adapter(llama, "p", ak.PromptTuningConfig(num_virtual_tokens=2))
+    ak.set_adapter(llama, ["a", "p"])
+    with pytest.raises(NotMergeableError, match="active adapter 'p' \\(prompt"):
+        ak.merge_and_unload(llama)
+    assert ak.list_adapters(llama) == ["a", "p"] and not ak.api._is_merged(ak.api.get_record(llama, "a"))
+
+
+def test_unload_detaches_everything_without_folding(llama, ids):
+    base = llama(ids).logits
+    _two(llama)
+    ak.merge_into_base(llama, "b")
+    assert ak.unload(llama) is llama and ak.list_adapters(llama) == []
+    torch.testing.assert_close(llama(ids).logits, base, atol=1e-5, rtol=0)
+
+
+def test_load_adapter_is_frozen_for_inference_unless_trainable(llama, tmp_path):
+    ak.add_adapter(llama, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    ak.save_adapter(llama, "a", tmp_path / "a")
+    m = tiny_llama()
+    ak.load_adapter(m, tmp_path / "a")
+    assert ak.trainable_parameters(m) == 0 and ak.parameter_summary(m).adapters[0].params == 2 * 2 * 128
+    ak.set_requires_grad(m, "a")
+    assert ak.trainable_parameters(m) == 2 * 2 * 128
+    m2 = tiny_llama()
+    ak.load_adapter(m2, tmp_path / "a", trainable=True)
+    assert ak.trainable_parameters(m2) == 2 * 2 * 128
+    with pytest.raises(AdapterNotFoundError, match="'aa'"):
+        ak.set_requires_grad(m2, ["a", "aa"], False)
+    assert ak.trainable_parameters(m2) == 2 * 2 * 128  # nothing changed before the bad name was found
+
+
+def test_set_requires_grad_keeps_what_the_method_freezes():
+    from adapterkit.methods.ssf import SSFConfig  # noqa: F401  (registers "ssf")
+
+    model = tiny_llama()
+    ak.add_adapter(model, "s", ak.make_config("ssf"))
+    before = {k: p.requires_grad for k, p in ak.api.adapter_parameters(model, "s").items()}
+    ak.set_requires_grad(model, "s", False)
+    ak.set_requires_grad(model, "s", True)
+    assert {k: p.requires_grad for k, p in ak.api.adapter_parameters(model, "s").items()} == before
+
+
+def test_old_names_warn_and_still_work(llama, ids):
+    _two(llama)
+    with pytest.warns(DeprecationWarning, match="ak.merge is deprecated; use ak.merge_into_base"):
+        ak.merge(llama, "a")
+    with pytest.warns(DeprecationWarning, match="ak.unmerge is deprecated; use ak.unmerge_from_base"):
+        ak.unmerge(llama, "a")
+    with pytest.warns(DeprecationWarning, match="ak.merge_adapters is deprecated; use ak.combine_adapters"):
+        assert ak.merge_adapters(llama, {"a": 1.0, "b": 1.0}, name="ab") == "ab"
+    assert ak.combine_adapters(llama, {"a": 0.5}, method="linear", name="avg") == "avg"
+    assert ak.get_adapter_config(llama, "ab").r == 6

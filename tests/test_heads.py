@@ -156,6 +156,20 @@ def test_delete_restores_the_plain_model() -> None:
     assert set(model.state_dict()) == keys
 
 
+def test_the_files_copies_decide_not_the_loading_models_class(tmp_path, llama) -> None:
+    # a causal-LM adapter (no head) onto a classifier of the same base: no copy expected
+    ak.add_adapter(llama, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    ak.save_adapter(llama, "a", tmp_path / "lm")
+    assert not ak.load_adapter(llama_cls(), tmp_path / "lm").heads
+    # a classifier adapter keeps its head copy even with the default (None) config
+    model = llama_cls()
+    ak.add_adapter(model, "c", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    ak.save_adapter(model, "c", tmp_path / "c")
+    fresh = llama_cls()
+    assert list(ak.load_adapter(fresh, tmp_path / "c").heads) == ["score"]
+    assert ak.get_adapter_config(fresh, "c") == ak.get_adapter_config(model, "c")
+
+
 def test_native_file_without_the_field_still_loads(tmp_path) -> None:
     model = llama_cls()
     ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"], modules_to_save=()))

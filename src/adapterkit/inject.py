@@ -146,7 +146,8 @@ def task_heads(model: nn.Module) -> tuple[str, ...]:
     return next((heads for suffix, heads in TASK_HEADS if cls.endswith(suffix)), ())
 
 
-def resolve_modules_to_save(model: nn.Module, names: Sequence[str] | None, targets: Iterable[str]) -> list[str]:
+def resolve_modules_to_save(model: nn.Module, names: Sequence[str] | None, targets: Iterable[str],
+                            exact: bool = False) -> list[str]:
     """Module paths an adapter trains in full (``AdapterConfig.modules_to_save``).
 
     Args:
@@ -154,6 +155,7 @@ def resolve_modules_to_save(model: nn.Module, names: Sequence[str] | None, targe
         names: module-name suffixes, each matching at least one module; ``None`` for the
             task's default heads (:func:`task_heads`; those the model lacks are skipped).
         targets: the module paths the adapter's own pieces attach to.
+        exact: ``names`` are full module paths (as read from a file), not suffixes.
 
     Returns:
         The matched module paths in model order (a module inside another one listed is dropped:
@@ -169,13 +171,13 @@ def resolve_modules_to_save(model: nn.Module, names: Sequence[str] | None, targe
     else:
         wanted = list(names)
         for t in wanted:
-            if not any(match_suffix(n, t) for n in mods):
+            if not any(n == t if exact else match_suffix(n, t) for n in mods):
                 hint = closest(t, _leaf_names(mods) + mods)
                 raise TargetNotFoundError(
                     f"modules_to_save entry {t!r} matches no module of {type(model).__name__}. "
                     f"Closest module names: {', '.join(repr(h) for h in hint)}"
                 )
-    picked = _select(mods, wanted) if wanted else []
+    picked = [n for n in mods if n in wanted] if exact else _select(mods, wanted) if wanted else []
     picked = [n for n in picked if not any(n.startswith(o + ".") for o in picked)]
     for n in picked:
         for t in targets:

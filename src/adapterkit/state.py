@@ -32,6 +32,8 @@ class AdapterRecord:
     #: module path -> its trained copy (``config.modules_to_save``), kept apart from the
     #: method's pieces so code over ``pieces`` only ever sees the method's own math
     heads: dict[str, ModuleCopy] = field(default_factory=dict)
+    #: adapter parameter keys the method itself keeps frozen (``set_requires_grad`` leaves them so)
+    fixed: frozenset[str] = frozenset()
 
     def all_pieces(self) -> dict[str, AdapterModule]:
         """The method's pieces and the module copies, by host module path."""

@@ -34,7 +34,7 @@ def test_round_trip_and_layout(saved, ids):
     assert meta["base"]["architecture"] == "LlamaForCausalLM" and meta["base"]["hidden_size"] == 64
     assert meta["base"]["modules"]["model.layers.0.self_attn.v_proj"]["weight"] == [32, 64]
     m2 = tiny_llama()
-    ak.load_adapter(m2, path, name="m2")
+    ak.load_adapter(m2, path, name="m2", trainable=True)
     assert ak.list_adapters(m2) == ["m2"]
     assert (m2(ids).logits - ref).abs().max().item() <= 1e-6
     assert ak.trainable_parameters(m2, "m2") == 2 * 4 * (64 + 64) + 2 * 4 * (64 + 32)

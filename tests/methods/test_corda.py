@@ -99,7 +99,7 @@ def test_llm_calibration_save_load_without_data_and_merge(tmp_path):
     keys = {k.rsplit(".", 1)[1] for k in load_file(tmp_path / "c" / "adapter.safetensors")}
     assert keys == {"lora_A", "lora_B", "corda_A0", "corda_B0"}
     fresh = tiny_llama()
-    rec = ak.load_adapter(fresh, tmp_path / "c")
+    rec = ak.load_adapter(fresh, tmp_path / "c", trainable=True)
     assert rec.config.init_from == "file"
     with torch.no_grad():
         assert (fresh(ids).logits - want).abs().max() < 1e-4

@@ -165,7 +165,7 @@ def test_train_merge_save_load(tmp_path):
     conf = json.loads((tmp_path / "spt" / "adapter_config.json").read_text())["config"]
     assert conf["lora_modules"] == list(cfg.lora_modules)
     fresh = tiny_vit()
-    ak.load_adapter(fresh, tmp_path / "spt")
+    ak.load_adapter(fresh, tmp_path / "spt", trainable=True)
     with torch.no_grad():
         assert (fresh(pixel_values=x).logits - want).abs().max() < 1e-5
     assert ak.trainable_parameters(fresh, "spt") == 2500
