@@ -7,7 +7,7 @@ JOB.json: {"work": dir, "bases": [arch, ...], "make": [...], "run": [...]} where
 
 * bases: build a tiny random model per arch and ``save_pretrained`` it to ``<work>/base-<arch>``
   (skipped when it exists); the adapterkit side loads the same weights from there;
-* make: {"case", "arch", "config": name or dict, "kw": {...}, "name", "out", "train_head"}: add the
+* make: {"case", "arch", "config": name or dict, "kw": {...}, "name", "out", "train_head", "std"}: add the
   adapter with ``adapters``, give every adapter weight a random non-zero value (and, with train_head,
   change the head outside the base model), ``save_adapter`` it (with its head) to ``out`` and record
   the logits with it active;
@@ -59,7 +59,7 @@ def load_base(work: str, arch: str):
     return LOAD[arch].from_pretrained(os.path.join(work, f"base-{arch}"), attn_implementation="eager").eval()
 
 
-def randomize(model, name: str, seed: int) -> None:
+def randomize(model, name: str, seed: int, std: float = 0.3) -> None:
     """Every adapter weight random and non-zero (AdapterHub zero-inits some); (IA)^3 vectors and
     learned scalings around 1."""
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +67,7 @@ def randomize(model, name: str, seed: int) -> None:
         for n, p in model.named_parameters():
             if f".{name}." not in n:
                 continue
-            noise = torch.randn(p.shape, generator=g) * 0.3
+            noise = torch.randn(p.shape, generator=g) * std
             p.copy_(1 + noise if n.endswith("scaling") else noise)
 
 
@@ -97,7 +97,7 @@ def main() -> None:
                         if f".{m['name']}." in n:
                             p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
             else:
-                randomize(model, m["name"], m.get("seed", 1))
+                randomize(model, m["name"], m.get("seed", 1), m.get("std", 0.3))
             if m.get("train_head"):  # the head as after training: it differs from the base's
                 with torch.no_grad():
                     for n, p in model.named_parameters():

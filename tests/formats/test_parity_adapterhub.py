@@ -34,7 +34,9 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelFo
 import adapterkit.api as ak
 from adapterkit.errors import AdapterFileError, ConfigError
 from adapterkit.formats.adapterhub import write_adapterhub
+from adapterkit.formats.convert import convert
 from adapterkit.methods.bottleneck import BottleneckConfig
+from adapterkit.methods.compacter import CompacterConfig
 from adapterkit.methods.ia3 import IA3Config
 from adapterkit.methods.lora import LoRAConfig
 
@@ -63,6 +65,8 @@ class Case:
     kw: dict[str, Any] = field(default_factory=dict)
     refused: str | None = None  # the field named in the refusal, if adapterkit must refuse
     train_head: bool = False  # AdapterHub side: change the static head too (saved with the adapter)
+    via_convert: bool = False  # adapterkit side: save natively, then convert(to="adapterhub") without the model
+    std: float = 0.3  # AdapterHub side: the adapter weights' random scale
 
 
 # -- (1) AdapterHub -> adapterkit -------------------------------------------------------------------
@@ -81,6 +85,8 @@ for _a in ARCHS:
         Case(f"{_a}-ia3", _a, "ia3"),
         Case(f"{_a}-prefix_tuning", _a, "prefix_tuning", {"prefix_length": 3, "bottleneck_size": 8},
              refused="architecture"),
+        Case(f"{_a}-compacter", _a, "compacter", {"phm_dim": 2, "reduction_factor": 8}),
+        Case(f"{_a}-compacter++", _a, "compacter++", {"phm_dim": 4, "reduction_factor": 4, "phm_rank": 2}),
     ]
 READ += [
     Case("bert-seq_bn-residual-after-ln", "bert", "seq_bn", {"residual_before_ln": False, "leave_out": [1]}),
@@ -89,7 +95,13 @@ READ += [
          refused="residual_before_ln"),
     Case("gpt2-double_seq_bn-olb", "gpt2", "double_seq_bn", {"original_ln_before": True},
          refused="original_ln_before"),
-    Case("bert-compacter", "bert", "compacter", {"phm_dim": 2, "reduction_factor": 8}, refused="phm_layer"),
+    Case("bert-compacter-own-rules", "bert", "compacter", {"phm_dim": 2, "reduction_factor": 8,
+                                                          "shared_phm_rule": False, "phm_bias": False}, std=1.0),
+    Case("bert-compacter-uniform", "bert", "compacter", {"phm_dim": 2, "reduction_factor": 8, "phm_c_init": "uniform"},
+         refused="phm_c_init"),
+    Case("llama-compacter-factorized-rule", "llama", "compacter++", {"phm_dim": 2, "reduction_factor": 8,
+                                                                     "factorized_phm_rule": True},
+         refused="factorized_phm_rule"),
     Case("bert-seq_bn-ln_after", "bert", "seq_bn", {"ln_after": True}, refused="ln_after"),
     Case("llama-dora", "llama", "dora", {"r": 2}, refused="use_dora"),
     Case("bert-seq_bn-channel", "bert", "seq_bn", {"scaling": "channel"}, refused="scaling"),
@@ -113,6 +125,9 @@ for _a in ARCHS:
         Case(f"{_a}-lora", _a, LoRAConfig(r=2, alpha=6, targets=LORA_OURS[_a])),
         Case(f"{_a}-lora-rslora", _a, LoRAConfig(r=4, alpha=4, use_rslora=True, dropout=0.1)),
         Case(f"{_a}-ia3", _a, IA3Config(targets=IA3_OURS[_a])),
+        Case(f"{_a}-compacter", _a, CompacterConfig(mode="compacter", phm_dim=2, reduction_factor=8)),
+        Case(f"{_a}-compacter++", _a, CompacterConfig(mode="compacter++", phm_dim=4, phm_rank=2, reduction_factor=4,
+                                                      shared_phm_rule=False, phm_bias=False)),
     ]
     if _pre:
         WRITE.append(Case(f"{_a}-pfeiffer-on-layer", _a, BottleneckConfig(mode="pfeiffer", targets=LAYERS[_a])))
@@ -122,6 +137,8 @@ for _a in ARCHS:
 WRITE += [
     Case("bert-cls-pfeiffer-head", "bert-cls", BottleneckConfig(mode="pfeiffer")),  # + a copy of "classifier"
     Case("llama-cls-lora-head", "llama-cls", LoRAConfig(r=2, targets=["q_proj", "v_proj"])),  # + "score"
+    Case("bert-cls-pfeiffer-head-convert", "bert-cls", BottleneckConfig(mode="pfeiffer"), via_convert=True),
+    Case("gpt2-lora-convert", "gpt2", LoRAConfig(r=2, targets=["c_attn", "mlp.c_fc"]), via_convert=True),
     Case("llama-ia3-feedforward", "llama", IA3Config(), refused="feedforward"),
     Case("llama-lora-o_proj", "llama", LoRAConfig(r=2, targets=["o_proj"]), refused="o_proj"),
     Case("llama-lora-one-layer", "llama", LoRAConfig(r=2, targets=["layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"]),
@@ -158,7 +175,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def theirs(work: Path) -> dict[str, Any]:
     """AdapterHub's bases, adapters (saved under <work>/ah-<case>) and logits."""
     make = [{"case": c.id, "arch": c.arch, "config": c.config, "kw": c.kw, "name": "x",
-             "out": str(work / f"ah-{c.id}"), "train_head": c.train_head} for c in READ]
+             "out": str(work / f"ah-{c.id}"), "train_head": c.train_head, "std": c.std} for c in READ]
     return _run_side(work, {"bases": list(ARCHS + HEADED), "make": make, "result": "read.pt"})
 
 
@@ -176,7 +193,12 @@ def exported(work: Path, theirs: dict[str, Any]) -> dict[str, Any]:
             ours[c.id] = model(_ids()).logits
         rec = ak.get_record(model, "x")
         try:
-            write_adapterhub(work / f"ak-{c.id}", model, rec.method, rec.config, ak.adapter_state_dict(model, "x"), "x")
+            if c.via_convert:
+                ak.save_adapter(model, "x", work / f"native-{c.id}")
+                convert(work / f"native-{c.id}", work / f"ak-{c.id}", to="adapterhub")
+            else:
+                write_adapterhub(work / f"ak-{c.id}", model, rec.method, rec.config, ak.adapter_state_dict(model, "x"),
+                                 "x")
         except ConfigError as e:
             ours[f"error:{c.id}"] = e
             continue

@@ -1,8 +1,14 @@
-"""Convert adapter directories between the native format and PEFT's, without a training run.
+"""Convert adapter directories between the native format, PEFT's and AdapterHub's, without a training run.
 
     from adapterkit.formats.convert import convert
     convert("out/math", "out/math-peft", to="peft")                 # native -> PEFT
     convert("peft-dir", "out/native", to="native", model=base)      # PEFT -> native (+ fingerprint)
+    convert("ah-dir", "out/native", to="native")                    # AdapterHub -> native
+    convert("out/math", "out/math-ah", to="adapterhub")             # native -> AdapterHub
+
+AdapterHub files record the base's model_type and hidden size; writing one needs them (and the
+number of layers) from the native fingerprint or from ``model``. The AdapterHub adapter's name
+(inside its tensor keys) is the output directory's name.
 
 PEFT files carry no base fingerprint. PEFT -> native with ``model`` checks the adapter
 against it (every tensor shape, by attaching it for a moment; the model is left as it
@@ -14,6 +20,7 @@ against the fingerprint and lets the targets be written as short leaf names.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,10 +36,10 @@ from .peft.common import guess_task_type_name, hosts_of
 
 
 def convert(in_dir: str | Path, out_dir: str | Path, to: str = "peft", model: nn.Module | None = None) -> Path:
-    """Rewrite the adapter in ``in_dir`` (native or PEFT, detected) into ``out_dir`` in format
-    ``to`` ("peft" or "native"/"adapterkit"), atomically. Returns ``out_dir``."""
-    if to not in ("peft", "native", "adapterkit"):
-        raise ConfigError(f"convert: unknown target format {to!r}; use 'peft' or 'native'")
+    """Rewrite the adapter in ``in_dir`` (native, PEFT or AdapterHub, detected) into ``out_dir`` in format
+    ``to`` ("peft", "adapterhub" or "native"/"adapterkit"), atomically. Returns ``out_dir``."""
+    if to not in ("peft", "adapterhub", "native", "adapterkit"):
+        raise ConfigError(f"convert: unknown target format {to!r}; use 'peft', 'adapterhub' or 'native'")
     saved = read_adapter(in_dir)
     spec = get_method(saved.method)
     config = spec.config_cls.from_dict(saved.config)
@@ -44,11 +51,26 @@ def convert(in_dir: str | Path, out_dir: str | Path, to: str = "peft", model: nn
         else:
             info = info_from_fingerprint(saved.base)
         return write_peft_info(out_dir, info, saved.method, config, saved.tensors)
+    if to == "adapterhub":
+        return _to_adapterhub(saved, config, in_dir, out_dir, model)
     base = saved.base
     if model is not None:
         check_on(model, in_dir)
         base = fingerprint(model, hosts)
     return write_native(out_dir, saved.method, config.to_dict(), saved.tensors, base)  # type: ignore[arg-type]
+
+
+def _to_adapterhub(saved: Any, config: Any, in_dir: str | Path, out_dir: str | Path, model: nn.Module | None) -> Path:
+    """Write ``saved`` as an AdapterHub directory; the base from ``model`` (checked) or the file's fingerprint."""
+    from .adapterhub import desc_from_fingerprint, desc_from_model, write_adapterhub_desc
+
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", Path(out_dir).name) or "adapter"
+    if model is None:
+        return write_adapterhub_desc(out_dir, desc_from_fingerprint(saved.base), saved.method, config, saved.tensors,
+                                     name)
+    check_fingerprint(model, saved.base, str(in_dir))
+    return write_adapterhub_desc(out_dir, desc_from_model(model), saved.method, config, saved.tensors, name,
+                                 num_labels=getattr(getattr(model, "config", None), "num_labels", None))
 
 
 def info_from_fingerprint(base: dict[str, Any] | None) -> BaseInfo:

@@ -2,21 +2,24 @@
 
 Mapped, exactly (checked against adapters 1.3 on BERT, RoBERTa, GPT-2 and Llama):
 
-======================================  ==========================================================
-AdapterHub                              adapterkit
-======================================  ==========================================================
-``BnConfig`` (seq_bn, double_seq_bn,    ``bottleneck`` (pfeiffer / houlsby / parallel placements,
-par_bn, scaled_par_bn, ...)             ``original_ln_before``, ``residual_before_ln``)
-``LoRAConfig`` (composition "add")      ``lora``
-``IA3Config`` (composition "scale")     ``ia3`` (output scaling)
-static prediction head files            ``modules_to_save`` copies of the head module
-======================================  ==========================================================
+=======================================  ==========================================================
+AdapterHub                               adapterkit
+=======================================  ==========================================================
+``BnConfig`` (seq_bn, double_seq_bn,     ``bottleneck`` (pfeiffer / houlsby / parallel placements,
+par_bn, scaled_par_bn, ...)              ``original_ln_before``, ``residual_before_ln``)
+``CompacterConfig``, ``Compacter++``     ``compacter`` (shared or per-layer rules)
+``LoRAConfig`` (composition "add")       ``lora``
+``IA3Config`` (composition "scale")      ``ia3`` (output scaling)
+static prediction head files             ``modules_to_save`` copies of the head module
+=======================================  ==========================================================
 
 Everything else is refused with :class:`AdapterFileError` (reading) or :class:`ConfigError`
 (writing) naming the AdapterHub field and value, never dropped: prefix tuning (its flat/MLP
-prefixes feed AdapterHub's own cache plumbing), prompt tuning, Compacter (``phm_layer``),
-ConfigUnion (MAM, UniPELT), VeRA, DoRA, gates, invertible adapters, ReFT, flex heads
-(``head_config.json`` with a ``config``). See :mod:`.bottleneck` and :mod:`.lora` for the math.
+prefixes feed AdapterHub's own cache plumbing), prompt tuning, Compacter options with no
+adapterkit equivalent (``factorized_phm_rule``, ``shared_W_phm``, ``phm_c_init`` ...), ConfigUnion
+(MAM, UniPELT), VeRA, DoRA, gates, invertible adapters, ReFT, flex heads (``head_config.json``
+with a ``config``). See :mod:`.bottleneck`, :mod:`.compacter` and :mod:`.lora`
+for the math.
 
 Files: ``adapter_config.json`` (``{"config": ..., "name", "model_type", "model_class",
 "hidden_size", "version"}``), ``pytorch_adapter.bin`` (AdapterHub's default; read only with
@@ -36,7 +39,7 @@ from ...errors import AdapterFileError, ConfigError
 from ...methods.base import AdapterConfig
 from ..io import atomic_dir, read_json, read_tensors, save_tensors, write_json
 from ..native import CONFIG_NAME, SavedAdapter
-from . import bottleneck as _bn, lora as _lora
+from . import bottleneck as _bn, compacter as _compacter, lora as _lora
 from .common import AH_VERSION, AH_WEIGHTS, AH_WEIGHTS_BIN, BaseDesc, desc_from_fingerprint, desc_from_model
 
 HEAD_CONFIG = "head_config.json"
@@ -74,6 +77,8 @@ def from_adapterhub(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
         raise AdapterFileError(f"{where}: AdapterHub config field 'architecture' = {arch!r} is not supported: "
                                f"{UNSUPPORTED[arch]}")
     if arch is None:
+        if cfg.get("phm_layer"):
+            return _compacter.read(meta, cfg, tensors, where)
         return _bn.read(meta, cfg, tensors, where)
     if arch == "lora":
         return _lora.read(meta, cfg, tensors, where)
@@ -143,11 +148,13 @@ def to_adapterhub(method: str, config: AdapterConfig, tensors: dict[str, torch.T
     head = {k.replace(f".{COPY}.", "."): v for k, v in tensors.items() if f".{COPY}." in f".{k}"}
     if method == "bottleneck":
         cfg, out = _bn.export(config, body, desc, name)  # type: ignore[arg-type]
+    elif method == "compacter":
+        cfg, out = _compacter.export(config, body, desc, name)  # type: ignore[arg-type]
     elif method in ("lora", "ia3"):
         cfg, out = _lora.export(method, config, body, desc, name)
     else:
         raise ConfigError(f"adapter method {method!r} has no AdapterHub equivalent adapterkit can write; "
-                          f"AdapterHub export supports bottleneck, lora, ia3")
+                          f"AdapterHub export supports bottleneck, compacter, lora, ia3")
     meta = {"config": cfg, "name": name, "model_type": desc.model_type, "model_class": desc.model_class,
             "hidden_size": desc.hidden_size, "model_name": desc.model_name, "version": AH_VERSION}
     return meta, out, head

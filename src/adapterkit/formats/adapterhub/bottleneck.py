@@ -90,8 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0,
 }
 
-KEY_RE = re.compile(r"^(?P<site>.+)\.adapters\.(?P<name>[^.]+)\.(?P<param>adapter_down\.0\.weight|"
-                    r"adapter_down\.0\.bias|adapter_up\.weight|adapter_up\.bias|scaling)$")
+KEY_RE = re.compile(r"^(?P<site>.+)\.adapters\.(?P<name>[^.]+)\.(?P<param>adapter_down\.0\.\w+|adapter_up\.\w+|scaling)$")
 PARAM_IN = {"adapter_down.0.weight": "adapter_down.weight", "adapter_down.0.bias": "adapter_down.bias",
             "adapter_up.weight": "adapter_up.weight", "adapter_up.bias": "adapter_up.bias", "scaling": "scaling"}
 PARAM_OUT = {v: k for k, v in PARAM_IN.items()}
@@ -102,9 +101,47 @@ SITES = {"post_ln": ("attention.output", "output"), "pre_ln": ("attention_adapte
 def read(meta: dict[str, Any], cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
          where: str) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """An AdapterHub bottleneck adapter as (``"bottleneck"``, config dict, native tensors)."""
+    check_fields(cfg, RULES, where)
+    parallel = bool(cfg.get("is_parallel", False))
+    want = sorted(PARAM_IN) if cfg.get("scaling") == "learned" else sorted(set(PARAM_IN) - {"scaling"})
+    hosts: list[str] = []
+    out: dict[str, torch.Tensor] = {}
+    for site, host, piece, params in place_sites(meta, cfg, tensors, where):
+        if sorted(params) != want:
+            raise AdapterFileError(f"{where}: adapter site {site!r} holds {sorted(params)}, expected {want}")
+        hosts.append(host)
+        out.update({f"{piece}.{PARAM_IN[p]}": t for p, t in params.items()})
+    width = one_width([t.shape[0] for k, t in out.items() if k.endswith("adapter_down.weight")], cfg, where)
+    scaling = cfg.get("scaling", 1.0)
+    config = {
+        "mode": "parallel" if parallel else ("houlsby" if cfg.get("mh_adapter") else "pfeiffer"),
+        "targets": hosts, "bottleneck_size": width, "non_linearity": ACT_IN[str(cfg["non_linearity"]).lower()],
+        "scaling": scaling if scaling == "learned" else float(scaling),
+        "original_ln_before": False if parallel else bool(cfg.get("original_ln_before", False)),
+        "residual_before_ln": True if parallel else bool(cfg.get("residual_before_ln", True)),
+        "init": cfg.get("init_weights", "bert"), "dropout": float(cfg.get("dropout", 0.0)),
+    }
+    return "bottleneck", config, out
+
+
+def one_width(per_site: list[int], cfg: dict[str, Any], where: str) -> int:
+    """The bottleneck width all sites share (AdapterHub may vary it per layer; adapterkit may not)."""
+    widths = sorted(set(per_site))
+    if len(widths) != 1:
+        raise refuse(where, "reduction_factor", cfg.get("reduction_factor"),
+                     f"the bottleneck widths differ between layers ({widths}); an adapterkit adapter has one width")
+    return widths[0]
+
+
+def place_sites(meta: dict[str, Any], cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
+                where: str) -> list[tuple[str, str, str, dict[str, torch.Tensor]]]:
+    """``(site, target, piece path, {param: tensor})`` per AdapterHub adapter site, layer by layer.
+
+    ``site`` is AdapterHub's module path, ``target`` the block adapterkit's config names, ``piece`` the
+    module path adapterkit's tensors live under (which depends on the placement, see the module docstring).
+    """
     mt = meta.get("model_type")
     family = check_family(mt, where)
-    check_fields(cfg, RULES, where)
     name, parallel = meta.get("name"), bool(cfg.get("is_parallel", False))
     olb, rbl = bool(cfg.get("original_ln_before", False)), cfg.get("residual_before_ln", True)
     mh_site, out_site = SITES[family]
@@ -116,12 +153,10 @@ def read(meta: dict[str, Any], cfg: dict[str, Any], tensors: dict[str, torch.Ten
         sites.setdefault(m["site"], {})[m["param"]] = t
     if not sites:
         raise AdapterFileError(f"{where}: the weights file holds no tensors of adapter {name!r}")
-    hosts: list[str] = []
-    out: dict[str, torch.Tensor] = {}
-    width = None
-    for site, params in sorted(sites.items()):
+    placed = []
+    for site, params in sites.items():
         try:
-            layer, _, rest = split_layer(site)
+            layer, idx, rest = split_layer(site)
         except ValueError:
             raise AdapterFileError(f"{where}: {site!r} is not inside a transformer layer") from None
         if rest not in (mh_site, out_site):
@@ -133,28 +168,8 @@ def read(meta: dict[str, Any], cfg: dict[str, Any], tensors: dict[str, torch.Ten
             piece = host if parallel or (olb and not rbl) else f"{host}.LayerNorm" if olb else f"{host}.dropout"
         else:
             host, piece = _pre_ln_host(layer, mh, parallel, olb, rbl, mt, cfg, where)
-        want = ["adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias"]
-        want += ["scaling"] if cfg.get("scaling") == "learned" else []
-        if sorted(params) != sorted(want):
-            raise AdapterFileError(f"{where}: adapter site {site!r} holds {sorted(params)}, expected {want}")
-        b = params["adapter_down.0.weight"].shape[0]
-        if width is not None and b != width:
-            raise refuse(where, "reduction_factor", cfg.get("reduction_factor"),
-                         f"the bottleneck is {width} wide at one site and {b} at {site!r}; an adapterkit adapter "
-                         f"has one width")
-        width = b
-        hosts.append(host)
-        for p, t in params.items():
-            out[f"{piece}.{PARAM_IN[p]}"] = t
-    scaling = cfg.get("scaling", 1.0)
-    config = {
-        "mode": "parallel" if parallel else ("houlsby" if cfg.get("mh_adapter") else "pfeiffer"),
-        "targets": hosts, "bottleneck_size": width, "non_linearity": ACT_IN[str(cfg["non_linearity"]).lower()],
-        "scaling": scaling if scaling == "learned" else float(scaling),
-        "original_ln_before": False if parallel else olb, "residual_before_ln": True if parallel else bool(rbl),
-        "init": cfg.get("init_weights", "bert"), "dropout": float(cfg.get("dropout", 0.0)),
-    }
-    return "bottleneck", config, out
+        placed.append(((idx, not mh), (site, host, piece, params)))
+    return [p for _, p in sorted(placed, key=lambda x: x[0])]
 
 
 def _pre_ln_host(layer: str, mh: bool, parallel: bool, olb: bool, rbl: Any, mt: str, cfg: dict[str, Any],
@@ -184,8 +199,6 @@ def export(config: BottleneckConfig, tensors: dict[str, torch.Tensor], desc: Bas
     Raises:
         ConfigError: a piece or a config value AdapterHub cannot express (named).
     """
-    family = check_family(desc.model_type, "bottleneck export", export=True)
-    mh_site, out_site = SITES[family]
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, t in tensors.items():
         piece, _, p = k.rpartition(".")
@@ -195,69 +208,83 @@ def export(config: BottleneckConfig, tensors: dict[str, torch.Tensor], desc: Bas
         if p not in PARAM_OUT:
             raise ConfigError(f"bottleneck export: tensor {k!r} has no AdapterHub counterpart")
         groups.setdefault(piece, {})[p] = t
+    sites, ah = export_sites(list(groups), config, desc, "bottleneck")
+    out: dict[str, torch.Tensor] = {}
+    widths = []
+    for piece, params in groups.items():
+        b, d_in = params["adapter_down.weight"].shape
+        if d_in != desc.hidden_size or params["adapter_up.weight"].shape[0] != desc.hidden_size:
+            raise ConfigError(f"bottleneck export: piece at {piece!r} maps width {d_in} -> "
+                              f"{params['adapter_up.weight'].shape[0]}; AdapterHub adapters map hidden_size "
+                              f"{desc.hidden_size} -> {desc.hidden_size}")
+        widths.append(b)
+        out.update({f"{sites[piece]}.adapters.{name}.{PARAM_OUT[p]}": t for p, t in params.items()})
+    rf = config.reduction_factor if config.bottleneck_size is None else None
+    ah.update(reduction_factor=reduction_factor(rf, desc.hidden_size, widths[0] if widths else 1),
+              init_weights=config.init, is_parallel=config.mode == "parallel",
+              scaling=config.scaling if config.scaling == "learned" else float(config.scaling))  # type: ignore[arg-type]
+    return ah, out
+
+
+def export_sites(pieces: list[str], config: Any, desc: BaseDesc, what: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """AdapterHub's site (module path) for each of a bottleneck-like adapter's pieces, and the
+    config fields the placement decides (sites, leave_out, original_ln_before, residual_before_ln,
+    non_linearity, dropout), checked to be expressible.
+
+    Raises:
+        ConfigError: a piece AdapterHub has no site for, or a layout it cannot express.
+    """
+    family = check_family(desc.model_type, f"{what} export", export=True)
+    mh_site, out_site = SITES[family]
     olbs: set[bool] = set()
     used: dict[int, set[str]] = {}
-    out: dict[str, torch.Tensor] = {}
-    width = None
-    for piece, params in groups.items():
+    sites: dict[str, str] = {}
+    for piece in pieces:
         block = re.sub(r"\.(dropout|LayerNorm)$", "", piece) if family == "post_ln" else piece
         try:
             layer, idx, rest = split_layer(block)
         except ValueError:
-            raise ConfigError(f"bottleneck export: piece at {piece!r} is not inside a transformer layer") from None
+            raise ConfigError(f"{what} export: piece at {piece!r} is not inside a transformer layer") from None
         if family == "post_ln":
             if rest not in (mh_site, out_site):
-                raise ConfigError(f"bottleneck export: piece at {piece!r}; AdapterHub places {desc.model_type} "
+                raise ConfigError(f"{what} export: piece at {piece!r}; AdapterHub places {desc.model_type} "
                                   f"adapters only at a layer's {mh_site!r} and {out_site!r}")
             kind = "mh" if rest == mh_site else "out"
-            site = block
+            sites[piece] = block
         else:
             kind, olb = _pre_ln_kind(rest, piece, config, desc.model_type)
             olbs.add(olb)
-            site = f"{layer}.{mh_site if kind == 'mh' else out_site}"
+            sites[piece] = f"{layer}.{mh_site if kind == 'mh' else out_site}"
         if kind in used.setdefault(idx, set()):
-            raise ConfigError(f"bottleneck export: two pieces at the {kind} site of layer {idx}")
+            raise ConfigError(f"{what} export: two pieces at the {kind} site of layer {idx}")
         used[idx].add(kind)
-        b, d_in = params["adapter_down.weight"].shape
-        d_out = params["adapter_up.weight"].shape[0]
-        if d_in != desc.hidden_size or d_out != desc.hidden_size:
-            raise ConfigError(f"bottleneck export: piece at {piece!r} maps width {d_in} -> {d_out}; AdapterHub "
-                              f"adapters map hidden_size {desc.hidden_size} -> {desc.hidden_size}")
-        width = b
-        for p, t in params.items():
-            out[f"{site}.adapters.{name}.{PARAM_OUT[p]}"] = t
     if len(olbs) > 1:
-        raise ConfigError("bottleneck export: on a pre-LN model the adapter sits both on a block and on a whole "
-                          "layer; AdapterHub's original_ln_before is one value per adapter")
-    mh = any("mh" in s for s in used.values())
-    outp = any("out" in s for s in used.values())
-    skip = leave_out(desc, set(used), "a bottleneck adapter")
-    want = ({"mh"} if mh else set()) | ({"out"} if outp else set())
+        raise ConfigError(f"{what} export: on a pre-LN model the adapter sits both on a block and on a whole "
+                          f"layer; AdapterHub's original_ln_before is one value per adapter")
+    want = set().union(*used.values()) if used else set()
     for idx, kinds in used.items():
         if kinds != want:
-            raise ConfigError(f"bottleneck export: layer {idx} has adapters at {sorted(kinds)} but others at "
+            raise ConfigError(f"{what} export: layer {idx} has adapters at {sorted(kinds)} but others at "
                               f"{sorted(want)}; AdapterHub puts the same sites in every layer")
-    parallel = config.mode == "parallel"
     act = str(config.non_linearity).lower()
-    ah = {**DEFAULTS, "mh_adapter": mh, "output_adapter": outp, "leave_out": skip,
-          "reduction_factor": _reduction_factor(config, desc.hidden_size, width or 1),
-          "non_linearity": ACT_OUT.get(act, act), "init_weights": config.init, "is_parallel": parallel,
-          "scaling": config.scaling if config.scaling == "learned" else float(config.scaling),  # type: ignore[arg-type]
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"{what} export: non_linearity {config.non_linearity!r} is unknown")
+    ah = {**DEFAULTS, "mh_adapter": "mh" in want, "output_adapter": "out" in want,
+          "leave_out": leave_out(desc, set(used), f"a {what} adapter"), "non_linearity": ACT_OUT.get(act, act),
           "dropout": float(config.dropout)}
     if family == "post_ln":
+        parallel = getattr(config, "mode", None) == "parallel"
         ah["original_ln_before"] = bool(config.original_ln_before) and not parallel
         ah["residual_before_ln"] = bool(config.residual_before_ln)
     else:
         ah["original_ln_before"], ah["residual_before_ln"] = (olbs.pop() if olbs else False), True
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"bottleneck export: non_linearity {config.non_linearity!r} is unknown")
-    return ah, out
+    return sites, ah
 
 
 def _pre_ln_kind(rest: str, piece: str, config: BottleneckConfig, mt: str) -> tuple[str, bool]:
     """(site kind, AdapterHub original_ln_before) of a piece in a pre-LN layer."""
     attn, mlp = PRE_LN_BLOCKS[mt]
-    if config.mode == "parallel":
+    if getattr(config, "mode", None) == "parallel":
         raise ConfigError(f"bottleneck export: mode='parallel' on {mt} (pre-LN): adapterkit feeds the adapter the "
                           f"block's normalised input, AdapterHub the residual stream; not expressible")
     if rest == attn:
@@ -270,14 +297,12 @@ def _pre_ln_kind(rest: str, piece: str, config: BottleneckConfig, mt: str) -> tu
                       f"{attn!r} or {mlp!r} block or after the layer")
 
 
-def _reduction_factor(config: BottleneckConfig, hidden: int, width: int) -> float:
-    """A reduction_factor that AdapterHub turns into ``width`` (``int(hidden // rf)``)."""
-    cands: list[float] = []
-    if config.bottleneck_size is None and config.reduction_factor is not None:
-        cands.append(float(config.reduction_factor))
+def reduction_factor(preferred: float | None, hidden: int, width: int) -> float:
+    """A reduction_factor that AdapterHub turns into ``width`` (``int(hidden // rf)``): ``preferred`` if it does."""
+    cands: list[float] = [float(preferred)] if preferred is not None else []
     cands += [hidden / width, (hidden + 0.5) / width if width else 1.0]
     for rf in cands:
         if max(1, int(hidden // rf)) == width:
             return rf
-    raise ConfigError(f"bottleneck export: no AdapterHub reduction_factor gives a bottleneck of {width} for "
+    raise ConfigError(f"AdapterHub export: no AdapterHub reduction_factor gives a bottleneck of {width} for "
                       f"hidden size {hidden}")
