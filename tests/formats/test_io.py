@@ -237,3 +237,29 @@ def test_full_disk_on_a_first_save_leaves_nothing(tiny_disk):
     assert not target.exists() and _temps(tiny_disk) == []
     ak.save_adapter(_small(), "a", target)  # the space was given back
     _same_as_saved(_small(), target)
+
+
+def test_without_renameat2_the_swap_still_keeps_the_old_adapter(tmp_path, monkeypatch):
+    """The fallback swap (old -> backup, new -> target): a failure between the two renames
+    puts the old version back; a success leaves no backup behind."""
+    monkeypatch.setattr(fio, "_exchange", lambda a, b: False)
+    target = tmp_path / "a"
+    old = _small()
+    ak.save_adapter(old, "a", target)
+    real_rename = os.rename
+
+    def fail_new_into_place(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(fio.os, "rename", fail_new_into_place)
+    with pytest.raises(OSError, match="rename failed"):
+        ak.save_adapter(_small(seed=4), "a", target)
+    monkeypatch.setattr(fio.os, "rename", real_rename)
+    _same_as_saved(old, target)
+    assert _temps(tmp_path) == []
+    new = _small(seed=5)
+    ak.save_adapter(new, "a", target)
+    _same_as_saved(new, target)
+    assert _temps(tmp_path) == []

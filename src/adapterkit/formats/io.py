@@ -191,7 +191,11 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
                 backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.rmdir(backup)
                 os.rename(target, backup)
-                os.rename(tmp, target)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(backup, target)  # put the previous version back
+                    raise
                 shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, target)
