@@ -179,3 +179,64 @@ def test_native_file_without_the_field_still_loads(tmp_path) -> None:
     del cfg["config"]["modules_to_save"]  # as written before the field existed
     cfg_path.write_text(json.dumps(cfg))
     assert not ak.load_adapter(llama_cls(), tmp_path / "a").heads
+
+
+def test_ia3_head_round_trips_through_peft(tmp_path) -> None:
+    model = llama_cls()
+    ak.add_adapter(model, "ia3", ak.IA3Config(targets=["k_proj", "down_proj"], feedforward_targets=["down_proj"]))
+    train(model, steps=2)
+    out = model(IDS).logits
+    ak.save_adapter(model, "ia3", tmp_path / "p", format="peft")
+    pm = peft.PeftModel.from_pretrained(llama_cls(), str(tmp_path / "p")).eval()
+    torch.testing.assert_close(pm(input_ids=IDS).logits, out)
+    fresh = llama_cls()
+    assert list(ak.load_adapter(fresh, tmp_path / "p").heads) == ["score"]
+    torch.testing.assert_close(fresh(IDS).logits, out)
+
+
+def test_prompt_tuning_head_saves_natively_and_is_refused_for_peft(tmp_path) -> None:
+    model = llama_cls()
+    ak.add_adapter(model, "pt", ak.PromptTuningConfig(num_virtual_tokens=2))
+    train(model, steps=2)
+    out = model(IDS).logits
+    ak.save_adapter(model, "pt", tmp_path / "n")
+    fresh = llama_cls()
+    ak.load_adapter(fresh, tmp_path / "n")
+    torch.testing.assert_close(fresh(IDS).logits, out)
+    with pytest.raises(ConfigError, match="module copies .*PROMPT_TUNING.*native format"):
+        ak.save_adapter(model, "pt", tmp_path / "p", format="peft")
+    assert not (tmp_path / "p").exists()
+
+
+def test_combine_adapters_refuses_to_drop_trained_heads() -> None:
+    model = llama_cls()
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    ak.add_adapter(model, "b", ak.LoRAConfig(r=2, targets=["q_proj"], modules_to_save=()))
+    with pytest.raises(ConfigError, match="adapter 'a' trains modules in full \\(score: modules_to_save\\)"):
+        ak.combine_adapters(model, {"a": 0.5, "b": 0.5})
+    assert ak.list_adapters(model) == ["a", "b"]
+
+
+def test_peft_prompt_learning_with_module_copies_is_refused() -> None:
+    from adapterkit.errors import AdapterFileError
+    from adapterkit.formats.peft import from_peft
+
+    meta = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2,
+            "modules_to_save": ["lm_head"]}
+    tensors = {"prompt_embeddings": torch.zeros(2, 64), "base_model.lm_head.weight": torch.zeros(128, 64)}
+    with pytest.raises(AdapterFileError, match="modules_to_save=\\['lm_head'\\] is not supported for PROMPT_TUNING"):
+        from_peft(meta, tensors)
+
+
+def test_deepcopy_keeps_an_independent_head() -> None:
+    import copy
+
+    model = llama_cls()
+    rec = ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    train(model, steps=1)
+    out = model(IDS).logits
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(IDS).logits, out, rtol=0, atol=0)
+    with torch.no_grad():
+        rec.heads["score"].module.weight.zero_()
+    torch.testing.assert_close(twin(IDS).logits, out, rtol=0, atol=0)

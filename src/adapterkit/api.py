@@ -294,12 +294,20 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
         ``name``: the new adapter, attached (not activated).
 
     Raises:
-        ConfigError: unknown ``method``, empty ``weights``, a bad ``density`` or ``r``, or
-            an adapter of a method that cannot be combined.
+        ConfigError: unknown ``method``, empty ``weights``, a bad ``density`` or ``r``, an
+            adapter of a method that cannot be combined, or one with module copies
+            (``modules_to_save``), which have no low-rank delta to combine.
         AdapterNotFoundError: a name in ``weights`` is not attached.
     """
     from .compose.merge import merge_adapters as _combine  # compose imports this module
 
+    for n in weights:
+        heads = get_record(model, n).heads
+        if heads:
+            raise ConfigError(
+                f"adapter {n!r} trains modules in full ({', '.join(heads)}: modules_to_save); combine_adapters "
+                f"combines low-rank deltas only and would drop them. Combine adapters added with modules_to_save=()"
+            )
     return _combine(model, weights, method=method, name=name, r=r, density=density, seed=seed)
 
 

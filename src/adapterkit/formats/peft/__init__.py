@@ -52,6 +52,10 @@ from .common import (
 )
 
 
+#: PEFT types whose model is not behind ``base_model.model.`` (module copies keyed otherwise)
+_PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
 # ---------------------------------------------------------------------------------------
 # public entry points
 # ---------------------------------------------------------------------------------------
@@ -96,6 +100,9 @@ def to_peft(method: str, config: AdapterConfig, tensors: dict[str, torch.Tensor]
         )
     info = info or BaseInfo()
     copies = {k: t for k, t in tensors.items() if SAVED in f".{k}"}
+    if copies and codec.peft_type in _PROMPT_LEARNING:
+        raise ConfigError(f"PEFT keeps the module copies (modules_to_save) of {codec.peft_type} adapters under "
+                          f"other keys than adapterkit writes; save this {method} adapter in the native format")
     own = {k: t for k, t in tensors.items() if k not in copies}
     peft_config, peft_tensors = codec.export(config, own, info)
     task = peft_config.pop("task_type", None)
@@ -123,6 +130,9 @@ def from_peft(meta: dict[str, Any], tensors: dict[str, torch.Tensor],
             f"{', '.join(sorted(IMPORTERS))}"
         )
     copies, tensors = split_copies(meta.get("modules_to_save"), tensors, where)
+    if copies and str(ptype).upper() in _PROMPT_LEARNING:
+        raise AdapterFileError(f"{where}: PEFT field modules_to_save={meta.get('modules_to_save')!r} is not "
+                               f"supported for {ptype} adapters (only for LORA and IA3)")
     method, config, native = importer({**meta, "modules_to_save": None}, tensors, where)
     config["modules_to_save"] = sorted({k.split(SAVED)[0] for k in copies})
     return method, config, {**native, **copies}
