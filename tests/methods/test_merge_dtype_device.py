@@ -162,3 +162,16 @@ def test_small_deltas_survive_bf16(method):
         d16, d32 = p.delta_weight(), pieces32[h].delta_weight()
         assert d16.dtype == torch.bfloat16
         torch.testing.assert_close(d16.float(), d32, rtol=1e-2, atol=1e-2 * d32.abs().max().item(), msg=h)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_delta_weight_has_the_weights_dtype_device_and_shape(method, device):
+    m = _model(method, device, torch.bfloat16)
+    for h, p in ak.api.get_record(m, "a").pieces.items():
+        try:
+            d = p.delta_weight()
+        except ak.errors.NotMergeableError:  # (IA)^3 scales W: no additive delta
+            continue
+        w = p.host.weight
+        assert (d.dtype, d.device, d.shape) == (w.dtype, w.device, w.shape), h

@@ -148,9 +148,11 @@ class QLoRALinear(LoRALinear):
         return y + base + self.lora_out(self.dropout(x)).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """deq - W + s B A in the host's layout: the piece's exact (unquantized) effect."""
-        d = self.deq_2d() - self.weight_2d().detach().float() + (self.b_2d() @ self.a_2d()).float() * self.scaling
-        return self.to_host_layout(d)
+        """deq - W + s B A in the host's layout and dtype: the piece's exact (unquantized) effect.
+        Formed in fp32 (deq - W is a small difference), cast back to W's dtype once."""
+        w = self.host.weight
+        d = self.deq_2d() - self.weight_2d().detach().float() + (self.b_2d().float() @ self.a_2d().float()) * self.scaling
+        return self.to_host_layout(d).to(w.dtype)
 
     # -- merge then quantize ---------------------------------------------------------------
     def merge(self) -> None:
@@ -161,7 +163,7 @@ class QLoRALinear(LoRALinear):
                 f"cannot merge a LoRA bias into {type(host).__name__} {tuple(host.weight.shape)}: it has no bias"
             )
         with torch.no_grad():
-            target = self.deq_2d() + (self.b_2d() @ self.a_2d()).float() * self.scaling  # (out, in)
+            target = self.deq_2d() + (self.b_2d().float() @ self.a_2d().float()) * self.scaling  # (out, in)
             codes, scale, zero = quantize_int(target, self.bits, self.group_size, self.scheme)
             merged = dequantize_int(codes, scale, zero, self.group_size)
             self.merge_error = float(torch.linalg.norm(merged - target) / torch.linalg.norm(target).clamp_min(1e-30))
