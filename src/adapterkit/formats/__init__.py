@@ -20,8 +20,8 @@ def detect_format(path: str | Path) -> str:
         return "peft"
     if is_adapterhub(meta):
         return "adapterhub"
-    raise AdapterFileError(f"{p / CONFIG_NAME} is not an adapterkit, PEFT or AdapterHub adapter config "
-                           f"(no 'format': 'adapterkit', no 'peft_type', no AdapterHub 'config' + 'model_type')")
+    raise AdapterFileError(f"{p / CONFIG_NAME} is neither an adapterkit nor a PEFT adapter config, nor an AdapterHub "
+                           f"one (no 'format': 'adapterkit', no 'peft_type', no AdapterHub 'config' + 'model_type')")
 
 
 def read_adapter(path: str | Path) -> SavedAdapter:
@@ -37,5 +37,5 @@ def read_adapter(path: str | Path) -> SavedAdapter:
 
     if is_adapterhub(meta):
         return read_adapterhub(p, meta)
-    raise AdapterFileError(f"{p / CONFIG_NAME} is not an adapterkit, PEFT or AdapterHub adapter config "
-                           f"(no 'format': 'adapterkit', no 'peft_type', no AdapterHub 'config' + 'model_type')")
+    raise AdapterFileError(f"{p / CONFIG_NAME} is neither an adapterkit nor a PEFT adapter config, nor an AdapterHub "
+                           f"one (no 'format': 'adapterkit', no 'peft_type', no AdapterHub 'config' + 'model_type')")
