@@ -69,8 +69,15 @@ CONFIGS: dict[str, Callable[[nn.Module], object]] = {
     "spt": _prep("spt", budget=3000, r=2, targets=T),
 }
 MERGEABLE = sorted(n for n in ak.list_methods() if get_method(n).mergeable)
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
-                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+_NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# Known, outside merging: prepare_spt's allocation (spt.py, spt_allocate) indexes a CPU tensor
+# (host_of) with the sorted scores' indices, which live on the model's device. Seen on meta
+# with DeviceMixCheck; strict, so the marker must go once that is fixed.
+_KNOWN_CUDA = {"spt": pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                        reason="prepare_spt indexes a CPU tensor with device indices")}
+CASES = [pytest.param(m, "cpu", id=f"{m}-cpu") for m in MERGEABLE] + [
+    pytest.param(m, "cuda", id=f"{m}-cuda", marks=_NEEDS_CUDA + ([_KNOWN_CUDA[m]] if m in _KNOWN_CUDA else []))
+    for m in MERGEABLE]
 
 
 def test_every_mergeable_method_is_covered():
@@ -88,8 +95,7 @@ def _base(m: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in m.named_parameters() if ".adapterkit." not in f".{n}"}
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("method", MERGEABLE)
+@pytest.mark.parametrize("method,device", CASES)
 def test_merge_unmerge_keep_dtype_and_device(method, device):
     dt = torch.bfloat16
     m = _model(method, device, dt)
@@ -164,8 +170,7 @@ def test_small_deltas_survive_bf16(method):
         torch.testing.assert_close(d16.float(), d32, rtol=1e-2, atol=1e-2 * d32.abs().max().item(), msg=h)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("method", MERGEABLE)
+@pytest.mark.parametrize("method,device", CASES)
 def test_delta_weight_has_the_weights_dtype_device_and_shape(method, device):
     m = _model(method, device, torch.bfloat16)
     for h, p in ak.api.get_record(m, "a").pieces.items():
