@@ -240,3 +240,20 @@ def test_deepcopy_keeps_an_independent_head() -> None:
     with torch.no_grad():
         rec.heads["score"].module.weight.zero_()
     torch.testing.assert_close(twin(IDS).logits, out, rtol=0, atol=0)
+
+
+def test_convert_carries_the_head_both_ways(tmp_path) -> None:
+    from adapterkit.formats.convert import convert
+
+    model = llama_cls()
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"]))
+    train(model, steps=1)
+    out = model(IDS).logits
+    ak.save_adapter(model, "a", tmp_path / "n")
+    convert(tmp_path / "n", tmp_path / "p", to="peft")  # no model: the fingerprint describes the base
+    pm = peft.PeftModel.from_pretrained(llama_cls(), str(tmp_path / "p")).eval()
+    torch.testing.assert_close(pm(input_ids=IDS).logits, out)
+    convert(tmp_path / "p", tmp_path / "back", to="native", model=llama_cls())
+    fresh = llama_cls()
+    ak.load_adapter(fresh, tmp_path / "back")
+    torch.testing.assert_close(fresh(IDS).logits, out)

@@ -43,8 +43,15 @@ class BaseInfo:
 # helpers shared by the codecs
 # ---------------------------------------------------------------------------------------
 def hosts_of(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Host module paths of native keys ``<host>.<param>`` (root pieces give "")."""
-    return sorted({k.rsplit(".", 1)[0] if "." in k else "" for k in tensors})
+    """Host module paths of native keys ``<host>.<param>`` (root pieces give "") and of
+    module copies ``<module>.modules_to_save.<param...>``."""
+    hosts = set()
+    for k in tensors:
+        if SAVED in f".{k}":
+            hosts.add(f".{k}".split(SAVED)[0][1:])
+        else:
+            hosts.add(k.rsplit(".", 1)[0] if "." in k else "")
+    return sorted(hosts)
 
 
 def base_info(model: nn.Module, hosts: list[str]) -> BaseInfo:
