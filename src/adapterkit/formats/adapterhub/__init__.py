@@ -14,8 +14,8 @@ static prediction head files             ``modules_to_save`` copies of the head 
 =======================================  ==========================================================
 
 Everything else is refused with :class:`AdapterFileError` (reading) or :class:`ConfigError`
-(writing) naming the AdapterHub field and value, never dropped: prefix tuning (its flat/MLP
-prefixes feed AdapterHub's own cache plumbing), prompt tuning, Compacter options with no
+(writing) naming the AdapterHub field and value, never dropped: prefix tuning (AdapterHub keeps the
+real tokens at positions 0.., adapterkit's KV-cache prefix moves them to P..), prompt tuning, Compacter options with no
 adapterkit equivalent (``factorized_phm_rule``, ``shared_W_phm``, ``phm_c_init`` ...), ConfigUnion
 (MAM, UniPELT), VeRA, DoRA, gates, invertible adapters, ReFT, flex heads (``head_config.json``
 with a ``config``). See :mod:`.bottleneck`, :mod:`.compacter` and :mod:`.lora`
@@ -49,7 +49,9 @@ HEAD_WEIGHTS = "model_head.safetensors"
 COPY = "modules_to_save"
 #: AdapterHub ``architecture`` values refused by name, with the reason
 UNSUPPORTED = {
-    "prefix_tuning": "AdapterHub's prefix tuning feeds its prefixes through its own cache plumbing; not mapped",
+    "prefix_tuning": "AdapterHub adds its prefixes inside attention with the real tokens at positions 0..; "
+                     "adapterkit's (PEFT's) prefix is the KV cache, which moves them to positions P.. (other rotary "
+                     "angles / position embeddings), and covers causal LMs only; not mapped",
     "prompt_tuning": "AdapterHub's prompt tuning is not mapped",
     "union": "ConfigUnion (MAM, UniPELT) combines several methods; not mapped",
     "mtl_lora": "MTL-LoRA is not mapped",

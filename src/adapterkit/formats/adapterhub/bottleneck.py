@@ -71,8 +71,8 @@ RULES: dict[str, Any] = {
     "dropout": _must(lambda v: is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
     "stochastic_depth": _must(lambda v: v in (0, 0.0, None), "dropping whole adapter outputs in training has no "
                                                              "adapterkit equivalent"),
-    "phm_layer": _must(lambda v: v is False, "Compacter's PHM projections are not mapped from AdapterHub files"),
-    # PHM settings: inert without phm_layer (refused above)
+    "phm_layer": _must(lambda v: v is False, "a Compacter (read by the compacter codec)"),
+    # PHM settings: inert without phm_layer (Compacters have their own rules, compacter.RULES)
     **{k: None for k in ("phm_dim", "factorized_phm_W", "shared_W_phm", "shared_phm_rule", "factorized_phm_rule",
                          "phm_c_init", "phm_init_range", "learn_phm", "hypercomplex_nonlinearity", "phm_rank",
                          "phm_bias")},

@@ -120,15 +120,6 @@ def split_layer(path: str) -> tuple[str, int, str]:
     return m["layer"], int(m["idx"]), m["rest"] or ""
 
 
-def layer_prefixes(paths: list[str]) -> dict[int, str]:
-    """index -> layer path, for the layers the module ``paths`` lie in."""
-    out: dict[int, str] = {}
-    for p in paths:
-        layer, idx, _ = split_layer(p)
-        out[idx] = layer
-    return out
-
-
 def leave_out(desc: BaseDesc, used: set[int], what: str) -> list[int]:
     """The AdapterHub ``leave_out`` list: the base's layers without the adapter."""
     if desc.num_layers is None:
