@@ -7,7 +7,8 @@ JOB.json: {"work": dir, "bases": [arch, ...], "make": [...], "run": [...]} where
 
 * bases: build a tiny random model per arch and ``save_pretrained`` it to ``<work>/base-<arch>``
   (skipped when it exists); the adapterkit side loads the same weights from there;
-* make: {"case", "arch", "config": name or dict, "kw": {...}, "name", "out", "train_head", "std"}: add the
+* make: {"case", "arch", "config": name or dict, "kw": {...}, "name", "out", "train_head", "std",
+  "safetensors"}: add the
   adapter with ``adapters``, give every adapter weight a random non-zero value (and, with train_head,
   change the head outside the base model), ``save_adapter`` it (with its head) to ``out`` and record
   the logits with it active;
@@ -107,7 +108,7 @@ def main() -> None:
             model.eval()
             with torch.no_grad():
                 out[m["case"]] = model(ids).logits
-            model.save_adapter(m["out"], m["name"])
+            model.save_adapter(m["out"], m["name"], use_safetensors=m.get("safetensors", False))
         except Exception as e:  # noqa: BLE001 - reported to the test, which names the case
             out[f"error:{m['case']}"] = f"{type(e).__name__}: {e}"
     for r in job.get("run", []):

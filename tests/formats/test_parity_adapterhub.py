@@ -67,6 +67,7 @@ class Case:
     train_head: bool = False  # AdapterHub side: change the static head too (saved with the adapter)
     via_convert: bool = False  # adapterkit side: save natively, then convert(to="adapterhub") without the model
     std: float = 0.3  # AdapterHub side: the adapter weights' random scale
+    safetensors: bool = False  # AdapterHub side: save_adapter(..., use_safetensors=True)
 
 
 # -- (1) AdapterHub -> adapterkit -------------------------------------------------------------------
@@ -107,6 +108,8 @@ READ += [
     Case("bert-seq_bn-channel", "bert", "seq_bn", {"scaling": "channel"}, refused="scaling"),
     Case("bert-cls-seq_bn-head", "bert-cls", "seq_bn", train_head=True),
     Case("llama-cls-lora-head", "llama-cls", "lora", {"r": 2}, train_head=True),
+    Case("bert-cls-seq_bn-head-safetensors", "bert-cls", "seq_bn", train_head=True, safetensors=True),
+    Case("gpt2-lora-safetensors", "gpt2", "lora", LORA_AH, safetensors=True),
 ]
 
 # -- (2) adapterkit -> AdapterHub -------------------------------------------------------------------
@@ -175,7 +178,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def theirs(work: Path) -> dict[str, Any]:
     """AdapterHub's bases, adapters (saved under <work>/ah-<case>) and logits."""
     make = [{"case": c.id, "arch": c.arch, "config": c.config, "kw": c.kw, "name": "x",
-             "out": str(work / f"ah-{c.id}"), "train_head": c.train_head, "std": c.std} for c in READ]
+             "out": str(work / f"ah-{c.id}"), "train_head": c.train_head, "std": c.std,
+             "safetensors": c.safetensors} for c in READ]
     return _run_side(work, {"bases": list(ARCHS + HEADED), "make": make, "result": "read.pt"})
 
 
@@ -234,6 +238,8 @@ def test_adapterhub_to_adapterkit(case: Case, work: Path, theirs: dict[str, Any]
     assert f"error:{case.id}" not in theirs, theirs.get(f"error:{case.id}")
     model = _base(work, case.arch)
     path = work / f"ah-{case.id}"
+    if case.safetensors:  # the safetensors files are what is read
+        assert (path / "adapter.safetensors").is_file() and not (path / "pytorch_adapter.bin").exists()
     if case.refused:
         with pytest.raises(AdapterFileError, match=f"AdapterHub config field '{case.refused}'"):
             ak.load_adapter(model, path, name="x")
