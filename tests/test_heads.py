@@ -257,3 +257,31 @@ def test_convert_carries_the_head_both_ways(tmp_path) -> None:
     fresh = llama_cls()
     ak.load_adapter(fresh, tmp_path / "back")
     torch.testing.assert_close(fresh(IDS).logits, out)
+
+
+@pytest.mark.parametrize("cls,head", [("BertForTokenClassification", "classifier"),
+                                      ("BertForQuestionAnswering", "qa_outputs"),
+                                      ("BertModel", None)])
+def test_task_defaults_follow_peft(cls, head) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(transformers.BertConfig(hidden_size=32, intermediate_size=64,
+                                                               num_hidden_layers=1, num_attention_heads=2,
+                                                               vocab_size=64))
+    rec = ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["query"]))
+    assert list(rec.heads) == ([head] if head else [])
+
+
+def test_merging_a_copy_of_a_tied_head_is_refused(ids) -> None:
+    from adapterkit.errors import AdapterError
+    from conftest import tiny_llama
+
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ak.add_adapter(model, "a", ak.LoRAConfig(r=2, targets=["q_proj"], modules_to_save=["lm_head"]))
+    emb = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(AdapterError, match="lm_head.weight is the same tensor as model.embed_tokens.weight"):
+        ak.merge_into_base(model, "a")
+    assert not ak.api._is_merged(ak.api.get_record(model, "a"))
+    torch.testing.assert_close(model.model.embed_tokens.weight, emb, rtol=0, atol=0)

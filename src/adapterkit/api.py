@@ -27,7 +27,7 @@ from .errors import (
 )
 from .formats import check_fingerprint, fingerprint, read_adapter, write_native
 from .inject import CONTAINER, resolve_modules_to_save
-from .methods.base import COPY, AdapterConfig, AdapterModule, ModuleCopy
+from .methods.base import COPY, AdapterConfig, AdapterModule, ModuleCopy, own_tensors
 from .registry import get_method
 from .state import AdapterRecord, Composition, get_state, install_piece, remove_piece
 
@@ -236,13 +236,15 @@ def merge_into_base(model: nn.Module, name: str) -> None:
     Raises:
         AdapterNotFoundError: no adapter ``name``.
         NotMergeableError: the method has no weight delta (prompt tuning, bottlenecks ...).
-        AdapterError: the adapter is merged already.
+        AdapterError: the adapter is merged already, or it holds a copy of a module whose
+            weight is tied to another module's (a tied ``lm_head``).
     """
     rec = get_state(model).record(name)
     if not get_method(rec.method).mergeable:
         raise NotMergeableError(f"adapter {name!r} ({rec.method}) cannot be merged: its math has no weight delta")
     if _is_merged(rec):
         raise AdapterError(f"adapter {name!r} is already merged")
+    _check_untied(model, rec)
     done: list[AdapterModule] = []
     try:
         for piece in rec.all_pieces().values():
@@ -252,6 +254,19 @@ def merge_into_base(model: nn.Module, name: str) -> None:
         for piece in reversed(done):
             piece.unmerge()
         raise
+
+
+def _check_untied(model: nn.Module, rec: AdapterRecord) -> None:
+    """Refuse to copy a trained module into its host when the host shares a weight with
+    another module (a tied ``lm_head``): the other module would change too."""
+    for h, copy_ in rec.heads.items():
+        own = {id(t): k for k, t in own_tensors(copy_.host).items()}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in own and not n.startswith(f"{h}.") and f".{CONTAINER}." not in f".{n}":
+                raise AdapterError(
+                    f"adapter {rec.name!r}: {h}.{own[id(p)]} is the same tensor as {n} (tied weights); merging the "
+                    f"trained copy of {h!r} would change {n} too. Untie them first or keep the adapter unmerged"
+                )
 
 
 def unmerge_from_base(model: nn.Module, name: str) -> None:
@@ -349,7 +364,8 @@ def merge_and_unload(model: M, name: str | None = None) -> M:
     Raises:
         AdapterNotFoundError: no adapter ``name``.
         NotMergeableError: an adapter to fold in has no weight delta (nothing is changed then).
-        AdapterError: a composition is active (fold its adapters in by name instead).
+        AdapterError: a composition is active (fold its adapters in by name instead), or a
+            module copy would be folded into a tied weight (nothing is changed then).
     """
     state = get_state(model)
     if name is not None:
@@ -358,10 +374,11 @@ def merge_and_unload(model: M, name: str | None = None) -> M:
     if isinstance(state.active, Composition):
         raise AdapterError(f"merge_and_unload cannot fold in a composition ({type(state.active).__name__}); "
                            f"fold adapters in one by one with merge_and_unload(model, name)")
-    for n in state.active:
-        method = state.record(n).method
-        if not get_method(method).mergeable:
-            raise NotMergeableError(f"active adapter {n!r} ({method}) cannot be merged: its math has no weight delta")
+    for n in state.active:  # every check before anything changes
+        rec = state.record(n)
+        if not get_method(rec.method).mergeable:
+            raise NotMergeableError(f"active adapter {n!r} ({rec.method}) cannot be merged: its math has no weight delta")
+        _check_untied(model, rec)
     for n in list(state.active):
         _merge_and_detach(model, n)
     for n in list(state.adapters):
