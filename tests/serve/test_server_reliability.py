@@ -310,3 +310,19 @@ def test_request_racing_an_unload_is_404_and_the_unload_does_not_wait_for_it(
     assert results["unload"].status_code == 200, results["unload"].text
     with s.http() as h:
         assert "racy" not in [m["id"] for m in h.get("/v1/models").json()["data"]]
+
+
+# ----------------------------------------------------------------------------- found by schema fuzzing
+def test_top_k_beyond_int64_is_served_not_500(srv: tuple[Served, list[str]]) -> None:
+    """test_fuzz_schema found it: top_k >= 2**63 overflowed building the sampler's int64 tensor
+    inside the engine step, failing the request with 500 -- and every other request in that step."""
+    s = srv[0]
+    with s.http() as h:
+        for top_k in (2**63, 10**30):
+            r = h.post("/v1/completions", json={"model": "alpha", "prompt": "k", "max_tokens": 3, "top_k": top_k,
+                                                "seed": 1, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            # larger than the vocabulary means "off": the same sample as top_k=-1 with the same seed
+            off = h.post("/v1/completions", json={"model": "alpha", "prompt": "k", "max_tokens": 3, "top_k": -1,
+                                                  "seed": 1, "ignore_eos": True})
+            assert r.json()["choices"][0]["text"] == off.json()["choices"][0]["text"]

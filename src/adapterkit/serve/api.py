@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from adapterkit.errors import (
     AdapterError,
@@ -78,6 +78,35 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+class ErrorDetail(BaseModel):
+    """The ``error`` object of every error response (for the OpenAPI schema)."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """``{"error": {...}}``: OpenAI's error shape (for the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {
+    400: "invalid request (the field is in `param`); `invalid_json` when the body is not JSON",
+    401: "missing or wrong API key", 404: "unknown model or adapter", 409: "adapter name already loaded",
+    413: "request body over --max-body-bytes", 429: "request queue full",
+    500: "the engine failed while generating", 503: "unload timed out waiting for the adapter's requests",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error statuses an endpoint can answer (each with
+    the error shape), so schema-driven clients and fuzzers know them."""
+    return {st: {"model": ErrorBody, "description": _ERROR_MEANINGS[st]} for st in statuses}
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error JSON shape."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -96,10 +125,24 @@ def now() -> int:
 # JSON types are taken as sent: `true` is not the integer 1, "4" is not 4, 2.5 is not an int
 # (pydantic's lax mode would coerce all three). Floats must be finite: JSON parsers accept NaN
 # and Infinity, and a NaN would otherwise fail a range check with a misleading message.
-Int = Annotated[int, Strict()]
+def _integral(v: Any) -> Any:
+    # JSON Schema's "integer" includes 4.0; Python's float type is the only way it arrives
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# (bounds sit inside the Annotated: outside, next to a validator, the schema would show "ge")
+Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+PosInt = Annotated[int, Strict(), Field(ge=1), BeforeValidator(_integral)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0), BeforeValidator(_integral)]
+TopK = Annotated[int, Strict(), Field(ge=-1), BeforeValidator(_integral)]
+Seed = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**64), BeforeValidator(_integral)]  # torch's range
+TokenId = NonNegInt
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-TokenId = Annotated[int, Strict(), Field(ge=0)]
+# Documented in the OpenAPI schema only (the validators below give the clearer messages):
+# fields accepted solely at the value that changes nothing.
+_ONLY_ONE = {"minimum": 1, "maximum": 1}
+_ONLY_ZERO = {"minimum": 0, "maximum": 0}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -164,20 +207,22 @@ class SamplingFields(_Lenient):
     """
 
     model: str
-    max_tokens: Int | None = Field(default=None, ge=1)
+    max_tokens: PosInt | None = None
     temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: Int = Field(default=-1, ge=-1)
-    n: Int = 1
+    top_k: TopK = -1
+    n: Int = Field(default=1, json_schema_extra=_ONLY_ONE)
     stream: Bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: Int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    stop: Annotated[str, Field(json_schema_extra={"minLength": 1})] | \
+        Annotated[list[str], Field(json_schema_extra={"maxItems": 16, "items": {"type": "string", "minLength": 1}})] \
+        | None = None
+    seed: Seed | None = None
     ignore_eos: Bool = False
-    min_tokens: Int = Field(default=0, ge=0)
-    logprobs: Any = None
-    presence_penalty: Float = 0.0
-    frequency_penalty: Float = 0.0
+    min_tokens: NonNegInt = 0
+    logprobs: Any = Field(default=None, json_schema_extra={"enum": [None, False, 0]})
+    presence_penalty: Float = Field(default=0.0, json_schema_extra=_ONLY_ZERO)
+    frequency_penalty: Float = Field(default=0.0, json_schema_extra=_ONLY_ZERO)
 
     @field_validator("n")
     @classmethod
@@ -245,11 +290,14 @@ class CompletionRequest(SamplingFields):
     A list of several prompts (OpenAI's batch form) is refused: one request = one sequence.
     """
 
-    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
-    max_tokens: Int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: Bool = False
-    suffix: str | None = None
-    best_of: Int | None = None
+    prompt: Annotated[str, Field(json_schema_extra={"minLength": 1})] | \
+        Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1})] | \
+        Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})] | \
+        Annotated[list[list[TokenId]], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
+    max_tokens: PosInt | None = 16  # OpenAI's default for completions
+    echo: Bool = Field(default=False, json_schema_extra={"enum": [False]})
+    suffix: str | None = Field(default=None, json_schema_extra={"enum": [None]})
+    best_of: Int | None = Field(default=None, json_schema_extra=_ONLY_ONE)
 
     @field_validator("prompt")
     @classmethod
@@ -271,11 +319,15 @@ class CompletionRequest(SamplingFields):
         return v
 
 
+_TEXT_PART = {"type": "object", "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+              "required": ["type", "text"]}
+
+
 class ChatMessage(_Lenient):
     """One chat message. ``content`` may be a string or OpenAI's list of text parts."""
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | Annotated[list[dict[str, Any]], Field(json_schema_extra={"items": _TEXT_PART})] | None = None
 
     def text(self) -> str:
         """The message text; list content must be ``[{"type": "text", "text": ...}, ...]``."""
@@ -287,7 +339,7 @@ class ChatMessage(_Lenient):
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, f"only text content parts are supported, got type={part.get('type')!r}",
-                               param="messages")
+                               param="messages", code="invalid_value")
             parts.append(part["text"])
         return "".join(parts)
 
@@ -296,7 +348,7 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``. ``max_completion_tokens`` is OpenAI's newer name."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: PosInt | None = None
     add_generation_prompt: Bool = True
 
     def max_new_tokens(self) -> int | None:
@@ -323,7 +375,7 @@ def adapter_name_problem(name: str) -> str | None:
 class LoadLoraRequest(_Checked):
     """vLLM's ``POST /v1/load_lora_adapter`` body. ``lora_name`` follows `ADAPTER_NAME_RULE`."""
 
-    lora_name: str = Field(min_length=1)
+    lora_name: str = Field(min_length=1, json_schema_extra={"pattern": f"^{_ADAPTER_NAME.pattern}$"})
     lora_path: str = Field(min_length=1)
 
     @field_validator("lora_name")

@@ -63,7 +63,8 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], genera
     if rows:
         sub = logits[rows] / torch.tensor([params[i].temperature for i in rows]).view(-1, 1)
         if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
-            sub = top_k_top_p_filter(sub, torch.tensor([params[i].top_k for i in rows]),
+            # top_k beyond the vocabulary means "off"; clamped first so any int fits the int64 tensor
+            sub = top_k_top_p_filter(sub, torch.tensor([min(params[i].top_k, sub.shape[-1]) for i in rows]),
                                      torch.tensor([params[i].top_p for i in rows], dtype=torch.float32))
         probs = sub.softmax(-1)
         for j, i in enumerate(rows):  # per-request generator: a loop over sampled rows only

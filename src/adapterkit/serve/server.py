@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -465,6 +465,13 @@ def _usage(gen: _Generation) -> dict[str, int]:
     return api.usage(gen.prompt_tokens, gen.completion_tokens)
 
 
+# stream=true answers server-sent events instead of JSON
+_GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **api.error_responses(400, 401, 404, 413, 429, 500),
+}
+
+
 def _add_routes(app: FastAPI, srv: Server) -> None:
     """Register every endpoint on `app` (all closures over `srv`)."""
     engine = srv.engine
@@ -473,19 +480,19 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         # engine.stats() takes the engine's lock: off the event loop
         return Response(await anyio.to_thread.run_sync(srv.metrics.render), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=api.error_responses(401))
     async def models() -> dict[str, Any]:
         data = [api.model_card(srv.model_name, "adapterkit", srv.model_name, None)]
         infos = await anyio.to_thread.run_sync(engine.list_adapters)
         data += [api.model_card(a.name, "adapterkit", a.source, srv.model_name) for a in infos]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", responses=api.error_responses(401))
     async def adapters() -> dict[str, Any]:
         """Every adapter the server knows: ``ready`` (registered), ``unloading`` (an unload is
         waiting for its requests) or ``failed`` (did not register at start; ``error`` says why)."""
@@ -530,7 +537,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             return JSONResponse(api.chat_body(rid, body.model, text, last.finish_reason, _usage(gen)))
         return JSONResponse(api.completion_body(rid, body.model, text, last.finish_reason, _usage(gen)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
         prompt = body.prompt
         kwargs = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
@@ -539,7 +546,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         return await run(request, body, kwargs, body.max_tokens or 16, "prompt", chat=False,
                          max_tokens_param="max_tokens" if explicit else None)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
         adapter = srv.resolve_model(body.model)
         if adapter is not None and adapter not in await srv.adapter_names():
@@ -551,7 +558,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         return await run(request, body, {"prompt_token_ids": ids}, max_tokens, "messages", chat=True,
                          max_tokens_param=field)
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", responses=api.error_responses(400, 401, 409, 413))
     async def load_lora_adapter(body: api.LoadLoraRequest) -> dict[str, Any]:
         name = body.lora_name
         if name in srv.base_names():  # the character set is checked by the schema (api.ADAPTER_NAME_RULE)
@@ -568,7 +575,7 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         return {"status": "ok", "message": f"Success: LoRA adapter '{name}' added successfully.",
                 "adapter": {"name": info.name, "path": info.source, "rank": info.rank, "method": info.method}}
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", responses=api.error_responses(400, 401, 404, 413, 503))
     async def unload_lora_adapter(body: api.UnloadLoraRequest) -> dict[str, Any]:
         name = body.lora_name
         async with srv.name_lock(name):
