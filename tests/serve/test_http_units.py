@@ -162,3 +162,28 @@ def test_config_error_param_comes_from_the_message() -> None:
     assert engine_error(ConfigError("top_p: must be in (0, 1]")).param == "top_p"
     assert engine_error(ConfigError("prompt: 300 tokens > max_model_len"), prompt_param="messages").param == "messages"
     assert engine_error(ConfigError("adapter 'a' (p): rank r=16 exceeds"), param="lora_path").param == "lora_path"
+
+
+def test_adapter_names_follow_the_rule_at_start_and_cli_body_limit_flag() -> None:
+    import argparse
+
+    from adapterkit.serve.api import adapter_name_problem
+    from adapterkit.serve.cli import DEFAULT_MAX_BODY_BYTES
+
+    assert adapter_name_problem("math-v2.1_x:q") is None
+    for bad in ("a/b", "", ".x", "x" * 201):
+        assert "A-Z a-z 0-9" in (adapter_name_problem(bad) or "")
+    with pytest.raises(ConfigError, match="--adapter: adapter name 'a/b' is not allowed"):
+        parse_adapter_specs(["a/b=out/x"])
+    p = argparse.ArgumentParser()
+    add_serve_parser(p.add_subparsers())
+    assert p.parse_args(["serve"]).max_body_bytes == DEFAULT_MAX_BODY_BYTES == 4 * 2**20
+    assert p.parse_args(["serve", "--max-body-bytes", "1024"]).max_body_bytes == 1024
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+def test_create_app_refuses_a_bad_body_limit(limit: object) -> None:
+    from adapterkit.serve.server import create_app
+
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        create_app(object(), max_body_bytes=limit)  # type: ignore[arg-type]
