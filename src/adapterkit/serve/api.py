@@ -181,8 +181,8 @@ class _Checked(BaseModel):
         where = _surrogate_at(data) if isinstance(data, dict) else None
         if where:
             field = where.removeprefix("a key of ").split(".")[0]
-            raise _FieldError(None if field == "the body" else field, f"a lone UTF-16 surrogate (\\ud800-\\udfff) at {where}: "
-                              "that is not valid Unicode text")
+            raise _FieldError(None if field == "the body" else field,
+                              f"a lone UTF-16 surrogate (\\ud800-\\udfff) at {where}: that is not valid Unicode text")
         return data
 
 

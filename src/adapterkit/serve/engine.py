@@ -223,8 +223,8 @@ class Engine:
     def _check_adapter(self, name: str | None) -> None:
         """AdapterNotFoundError unless `name` is None or registered and not being unregistered."""
         if name is not None and (name not in self.store or name in self._closing):
-            raise AdapterNotFoundError(f"adapter {name!r} is not registered."
-                                       f"{did_you_mean(name, [n for n in self.store.names() if n not in self._closing])}")
+            live = [n for n in self.store.names() if n not in self._closing]
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered.{did_you_mean(name, live)}")
 
     def submit(self, req: GenerationRequest, sink) -> Sequence:
         """Queue a request; `sink(chunk)` is called from the engine thread for every chunk."""

@@ -5,7 +5,8 @@
 
 Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (stream and non-stream),
 ``/v1/models``, ``/v1/adapters`` (every adapter's status, failed ones included),
-``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/health``, ``/metrics``. The request's ``model`` field names an adapter, or the base model (no adapter).
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/health``, ``/metrics``.
+The request's ``model`` field names an adapter, or the base model (no adapter).
 Every error uses OpenAI's error JSON shape (see `adapterkit.serve.api`). See docs/serving.md.
 
 Client disconnects: a streamed or non-streamed generation whose client goes away is aborted
