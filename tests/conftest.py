@@ -41,6 +41,31 @@ def tiny_vit(seed: int = 0):
                                                num_labels=5)).eval()
 
 
+def check_peft_generate(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Assert PEFT's ``generate`` with virtual tokens gave our tokens, or xfail where PEFT cannot.
+
+    transformers 5.24 renamed the forward/generate KV-cache argument ``past_key_values`` to
+    ``cache``. PEFT releases whose ``PeftModelForCausalLM.prepare_inputs_for_generation`` still
+    read ``past_key_values`` mistake every decode step for a prefill there and prepend the
+    virtual tokens again, so their greedy text is wrong. Our output is checked against the
+    plain reference in the same test either way; this only decides how to treat PEFT's.
+    """
+    if ours.tolist() == theirs.tolist():
+        return
+    import inspect
+
+    import peft
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    renamed = "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    src = inspect.getsource(peft.PeftModelForCausalLM.prepare_inputs_for_generation)
+    if renamed and '"cache"' not in src and "'cache'" not in src:
+        pytest.xfail(f"peft {peft.__version__} reads past_key_values in generate; transformers "
+                     f"{transformers.__version__} calls it cache (PEFT's own output is wrong here)")
+    assert ours.tolist() == theirs.tolist()
+
+
 def randomize_adapters(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
     """Give every adapter parameter random values (LoRA B starts at zero: identity)."""
     g = torch.Generator().manual_seed(seed)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError
 from ..methods.base import main_input
+from ..methods.prompt import get_cache
 from ..state import Composition, get_state
 
 Child = Union[str, Composition]
@@ -112,7 +113,7 @@ class Parallel(_Block):
     tensors in :data:`REPEATED_INPUTS`; every other argument passes unchanged. On each host,
     child ``i`` then sees rows ``[i*B, (i+1)*B)`` only. For training the labels are
     repeated too, so the loss averages over the copies. Must be the top-level composition.
-    Generation (a call given ``past_key_values``, as ``generate()`` makes) is refused with AdapterError.
+    Generation (a call given a KV cache, as ``generate()`` makes) is refused with AdapterError.
     """
 
     #: keyword arguments of the root call whose tensors are repeated along the batch dim
@@ -143,7 +144,7 @@ class Parallel(_Block):
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
             if not on():
                 return None
-            if kwargs.get("past_key_values") is not None:  # generate(): its own bookkeeping has B rows
+            if get_cache(kwargs) is not None:  # generate(): its own bookkeeping has B rows
                 raise AdapterError("Parallel does not support generation or a passed KV cache: run plain forward "
                                    "passes, or generate per adapter / with ak.adapter_batch")
             ref = args[0] if args and isinstance(args[0], torch.Tensor) else next(

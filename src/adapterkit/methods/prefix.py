@@ -2,7 +2,8 @@
 
 Every attention layer ``l`` gets ``P = num_virtual_tokens`` trainable key and value
 vectors in front of the sequence's own: it attends over ``[K_l^prefix ; K_l]``. The
-prefix is handed to the model as ``past_key_values``: a transformers ``DynamicCache`` whose
+prefix is handed to the model as its KV cache (the forward argument ``cache``, named
+``past_key_values`` before transformers 5.24): a transformers ``DynamicCache`` whose
 layer ``l`` holds keys and values of shape (B, num_kv_heads, P, head_dim). The prefix
 tensor is built exactly like PEFT's ``PrefixEncoder`` (so the two are interchangeable)::
 
@@ -26,7 +27,7 @@ Parameters (one piece on the root model, host path ``""``; native file keys in b
   num_attention_heads (= num_kv_heads) and num_layers for a model.
 
 Call semantics (as PEFT's PeftModelForCausalLM): on the first call (no cache or an empty
-one) ``past_key_values`` is replaced by the prefix cache; on every call a 2-D
+one) the KV cache is replaced by the prefix cache; on every call a 2-D
 ``attention_mask`` that does not cover the prefix gets P ones in front and
 ``position_ids`` (if given) move by P, so real tokens sit at positions ``P..`` (the model
 derives them from the cache length when not given). Outputs are unchanged: logits align
@@ -45,7 +46,8 @@ from torch import nn
 from ..errors import AdapterError, ConfigError, UnsupportedModuleError
 from ..registry import MethodSpec, register
 from .base import AdapterConfig, AdapterModule
-from .prompt import VirtualTokenPiece, batch_size_of, check_causal_lm, check_virtual_tokens, past_length
+from .prompt import (CACHE_ARGS, VirtualTokenPiece, batch_size_of, cache_arg, check_causal_lm,
+                     check_virtual_tokens, get_cache, past_length)
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,10 @@ def prefix_dims(model: nn.Module) -> PrefixDims:
 class PrefixPiece(VirtualTokenPiece):
     """Prefix tuning on a causal LM; see the module docstring for parameters and shapes."""
 
-    def __init__(self, model: nn.Module, cfg: PrefixTuningConfig, dims: PrefixDims) -> None:
+    def __init__(self, model: nn.Module, cfg: PrefixTuningConfig, dims: PrefixDims, cache_name: str) -> None:
         super().__init__(model, cfg.num_virtual_tokens)
         self.dims = dims
+        self.cache_name = cache_name  # the model's forward argument for the KV cache
         ref = model.get_input_embeddings().weight  # the prefix lives on the model's device, in its dtype
         dev, dt = ref.device, ref.dtype
         p, kv, out = cfg.num_virtual_tokens, dims.kv_dim, dims.num_layers * 2 * dims.kv_dim
@@ -167,7 +170,7 @@ class PrefixPiece(VirtualTokenPiece):
     def rewrite(self, host: nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
         p = self.num_virtual_tokens
         b, n = batch_size_of(kw, host)
-        cache = kw.get("past_key_values")
+        cache = get_cache(kw)
         past = past_length(cache)
         if past == 0:
             if cache is not None and type(cache).__name__ not in ("DynamicCache",):
@@ -182,7 +185,9 @@ class PrefixPiece(VirtualTokenPiece):
                                    "disable it with model.gradient_checkpointing_disable()")
             ref = kw.get("inputs_embeds")
             dtype = ref.dtype if ref is not None else host.get_input_embeddings().weight.dtype
-            kw["past_key_values"] = self.make_cache(b, dtype)
+            for arg in CACHE_ARGS:
+                kw.pop(arg, None)
+            kw[self.cache_name] = self.make_cache(b, dtype)
             past = p
         kw["attention_mask"] = self.extend_mask(kw.get("attention_mask"), past + n)
         if kw.get("position_ids") is not None:
@@ -206,10 +211,14 @@ def flatten_prefix(config: PrefixTuningConfig, tensors: dict[str, torch.Tensor])
 def attach(model: nn.Module, name: str, cfg: AdapterConfig) -> dict[str, AdapterModule]:
     assert isinstance(cfg, PrefixTuningConfig)
     what = f"prefix-tuning adapter {name!r}"
-    check_causal_lm(model, what, ("input_ids", "attention_mask", "past_key_values"))
+    check_causal_lm(model, what, ("input_ids", "attention_mask"))
+    cache_name = cache_arg(model)
+    if cache_name is None:
+        raise UnsupportedModuleError(f"{what} needs a model whose forward accepts a KV cache (cache or "
+                                     f"past_key_values); {type(model).__name__}.forward has neither")
     if not callable(getattr(model, "get_input_embeddings", None)):
         raise UnsupportedModuleError(f"{what} needs a transformers model with get_input_embeddings()")
-    return {"": PrefixPiece(model, cfg, prefix_dims(model))}
+    return {"": PrefixPiece(model, cfg, prefix_dims(model), cache_name)}
 
 
 register(MethodSpec(name="prefix", config_cls=PrefixTuningConfig, attach=attach, mergeable=False,

@@ -27,7 +27,7 @@ Call semantics (the root model's pre-hook rewrites the call's keyword arguments)
   extended labels, so the first real token *is* predicted from the prompt.
   ``hidden_states`` / ``attentions`` keep the virtual positions.
 * later calls with a non-empty cache (``generate()`` decode steps, or a user passing back
-  ``past_key_values`` this adapter produced): the cache already holds the virtual tokens;
+  the ``cache`` (``past_key_values`` before transformers 5.24) this adapter produced): the cache already holds the virtual tokens;
   nothing is prepended, a 2-D ``attention_mask`` that does not cover them gets P ones in
   front and ``position_ids`` move by P.
 
@@ -166,15 +166,35 @@ def forward_arg_names(model: nn.Module) -> list[str]:
     return [p.name for p in params if p.kind in kinds]
 
 
+# transformers >= 5.24 names the forward's KV-cache argument ``cache``; earlier releases (and
+# callers still using the deprecated name, which transformers renames inside ``forward``) use
+# ``past_key_values``. A pre-hook sees the call's kwargs before that renaming, so it reads both.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_arg(model: nn.Module) -> str | None:
+    """The name of ``model.forward``'s KV-cache argument (``cache`` or ``past_key_values``), or None."""
+    names = inspect.signature(model.forward).parameters
+    return next((n for n in CACHE_ARGS if n in names), None)
+
+
+def get_cache(kw: dict[str, Any]) -> Any:
+    """The KV cache a call was given, under either argument name (None when there is none)."""
+    given = [kw[n] for n in CACHE_ARGS if kw.get(n) is not None]
+    if len(given) > 1:
+        raise AdapterError("the call passes both cache and past_key_values; pass only cache")
+    return given[0] if given else None
+
+
 def past_length(cache: Any) -> int:
-    """Number of positions already held by ``past_key_values`` (None, a Cache, or legacy tuples)."""
+    """Number of positions already held by a KV cache (None, a Cache, or legacy tuples)."""
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     if isinstance(cache, (tuple, list)):
         return int(cache[0][0].shape[-2]) if len(cache) and len(cache[0]) else 0
-    raise AdapterError(f"unsupported past_key_values of type {type(cache).__name__}")
+    raise AdapterError(f"unsupported KV cache of type {type(cache).__name__}")
 
 
 def check_causal_lm(model: nn.Module, what: str, needs: tuple[str, ...]) -> None:
@@ -266,7 +286,7 @@ class PromptPiece(VirtualTokenPiece):
     def rewrite(self, host: nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
         p = self.num_virtual_tokens
         b, n = batch_size_of(kw, host)
-        past = past_length(kw.get("past_key_values"))
+        past = past_length(get_cache(kw))
         if past > 0:  # decode step: the cache already holds the virtual tokens
             kw["attention_mask"] = self.extend_mask(kw.get("attention_mask"), past + n)
             if kw.get("position_ids") is not None:
