@@ -48,6 +48,7 @@ def test_trainer_applies_schedule(tmp_path, make_model, tok, qa, schedule, warmu
     ({"schedule": "cosin"}, "schedule"), ({"weight_decay": -0.1}, "weight_decay"), ({"max_grad_norm": -1}, "max_grad_norm"),
     ({"bf16": "yes"}, "bf16"), ({"max_length": 1}, "max_length"), ({"save_every": -1}, "save_every"),
     ({"log_every": 0}, "log_every"), ({"steps": True}, "steps"),
+    ({"deterministic": "yes"}, "deterministic"), ({"deterministic": 1}, "deterministic"),
 ])
 def test_config_validation_names_field(kw, field):
     with pytest.raises(ConfigError, match=f"TrainConfig.{field}"):
@@ -63,3 +64,26 @@ def test_config_exclusive_fields_and_total_steps():
     assert TrainConfig(batch_size=4).total_steps(10) == 3  # default: one epoch, last batch partial
     assert TrainConfig(batch_size=4, grad_accum=2, epochs=2).total_steps(10) == 3  # ceil(2 * 3 / 2)
     assert TrainConfig(batch_size=4, epochs=0.5).total_steps(16) == 2
+
+
+def test_deterministic_mode_is_scoped_to_training(tmp_path, make_model, tok, qa):
+    """deterministic=True turns torch's mode on while training and restores the caller's after."""
+    import torch
+
+    from adapterkit.train import Trainer
+    from adapterkit.train.repro import resolve_deterministic
+
+    seen = []
+
+    def probe(model):  # a zero loss term that records the mode inside the training loop
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return torch.zeros(())
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    for det, inside in ((True, True), (False, False), ("auto", True)):  # auto: on for CPU
+        seen.clear()
+        Trainer(make_model(), qa, config=TrainConfig(out_dir=tmp_path / str(det), steps=1, progress=False, deterministic=det),
+                tokenizer=tok, loss_terms=[probe]).train()
+        assert seen == [inside]
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert resolve_deterministic("auto", torch.device("cuda")) is False

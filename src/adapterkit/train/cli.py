@@ -113,7 +113,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: never)")
     g.add_argument("--keep-last", type=int, default=2)
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the adapter's init, dropout and the data order")
+    g.add_argument("--deterministic", choices=["auto", "true", "false"], default="auto",
+                   help="torch.use_deterministic_algorithms during training (auto: on for CPU)")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(fn=run_train)
@@ -139,6 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
     """
     import adapterkit as ak
     from adapterkit.train.config import TrainConfig
+    from adapterkit.train.repro import seed_everything
     from adapterkit.train.trainer import Trainer
 
     fields = parse_sets(args.method, args.sets)  # before the (slow) model load: fail fast
@@ -151,7 +154,11 @@ def run_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
         save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every, seed=args.seed,
         max_length=args.max_length, progress=args.progress,
+        deterministic={"auto": "auto", "true": True, "false": False}[args.deterministic],
     )
+    # before the adapter exists: its init (e.g. LoRA's A) draws from the global RNGs, and an
+    # unseeded init made two same-seed runs differ from the first step on
+    seed_everything(args.seed)
     model, tokenizer = _load(args.model)
     name = args.name or args.method
     ak.add_adapter(model, name, adapter_cfg)

@@ -43,7 +43,10 @@ class TrainConfig:
         eval_every: evaluate every N steps (0: only at the end); needs eval data.
         save_every: checkpoint every N steps and at the end (0: no checkpoints).
         keep_last: how many newest checkpoints to keep.
-        seed: seeds python/torch/numpy RNGs and the data order.
+        seed: seeds python/torch/numpy RNGs and the data order (seed before ``add_adapter``
+            too, for the adapter's init: :func:`adapterkit.train.seed_everything`).
+        deterministic: run with ``torch.use_deterministic_algorithms`` (see
+            :mod:`adapterkit.train.repro`): "auto" (on for CPU, off on CUDA), True or False.
         log_every: write a metrics record every N steps (and at the last step).
         max_length: truncate examples to this many tokens (None: no limit).
         progress: show a tqdm progress bar.
@@ -66,6 +69,7 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     seed: int = 0
+    deterministic: bool | Literal["auto"] = "auto"
     log_every: int = 10
     max_length: int | None = 1024
     progress: bool = True
@@ -101,8 +105,9 @@ class TrainConfig:
             raise bad("weight_decay", "must be >= 0")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
             raise bad("max_grad_norm", "must be >= 0 or None")
-        if self.bf16 not in (True, False, "auto"):
-            raise bad("bf16", 'must be True, False or "auto"')
+        for f in ("bf16", "deterministic"):
+            if not (isinstance(getattr(self, f), bool) or getattr(self, f) == "auto"):
+                raise bad(f, 'must be True, False or "auto"')
         if self.max_length is not None and not (is_int(self.max_length) and self.max_length >= 2):
             raise bad("max_length", "must be an integer >= 2 or None")
 

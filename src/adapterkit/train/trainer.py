@@ -7,16 +7,22 @@ step``, so ``grad_accum=k, batch_size=b`` computes the same gradient as ``batch_
 (padding aside). ``loss_terms`` (regularizers such as SORSA's orthogonality penalty) are
 added once per optimizer step.
 
-Resuming restores the trainable tensors, AdamW and scheduler state, every RNG and the data
-position, so ``N`` steps straight and ``k`` steps + resume + ``N-k`` steps give the same
-losses (tested to 1e-6 on CPU).
+Reproducibility (see :mod:`adapterkit.train.repro`): the trainer seeds python/torch/numpy
+from ``config.seed``, draws the data order from a generator seeded by ``(seed, epoch)`` and
+by default (``deterministic="auto"``) runs CPU training under
+``torch.use_deterministic_algorithms``; with the adapter's init seeded too (``adapterkit
+train`` does it), two same-seed runs give bit-for-bit equal losses and adapters on CPU.
+
+Resuming restores the trainable tensors, AdamW and scheduler state, every RNG, the data
+position and the metrics window (the losses and tokens since the last ``metrics.jsonl``
+record), so ``N`` steps straight and ``k`` steps + kill + resume + ``N-k`` steps give the
+same losses and the same metrics records, bit for bit on CPU (tested with a ``kill -9``).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -40,6 +46,7 @@ from adapterkit.train import checkpoint as ckpt
 from adapterkit.train.config import RESUME_SENSITIVE, TrainConfig, make_lr_lambda
 from adapterkit.train.data import IGNORE_INDEX, PadCollator, SFTDataset, build_dataset, pad_token_id_for
 from adapterkit.train.metrics import MetricsWriter, plot_losses
+from adapterkit.train.repro import deterministic_algorithms, resolve_deterministic, seed_everything
 
 log = logging.getLogger(__name__)
 LossTerm = Callable[[nn.Module], torch.Tensor]
@@ -270,17 +277,6 @@ class Trainer:
         sched.load_state_dict(c.optim["scheduler"])
         ckpt.restore_rng(c.rng)
 
-    def _seed(self) -> None:
-        s = self.config.seed
-        random.seed(s)
-        torch.manual_seed(s)
-        try:
-            import numpy as np
-
-            np.random.seed(s)
-        except ImportError:
-            pass
-
     def _make_optimizer(self) -> torch.optim.AdamW:
         decay = [p for _, p in self._trainable() if p.ndim >= 2]
         no_decay = [p for _, p in self._trainable() if p.ndim < 2]
@@ -339,7 +335,7 @@ class Trainer:
         out = Path(cfg.out_dir)
         root = out / "checkpoints"
         out.mkdir(parents=True, exist_ok=True)
-        with ckpt.run_lock(out):
+        with ckpt.run_lock(out), deterministic_algorithms(resolve_deterministic(cfg.deterministic, self.device)):
             return self._train(resume, out, root)
 
     def _train(self, resume: bool | str | Path, out: Path, root: Path) -> TrainResult:
@@ -349,11 +345,14 @@ class Trainer:
         warmup = cfg.resolved_warmup(total)
         fingerprint = self._data_fingerprint()
 
-        self._seed()
+        seed_everything(cfg.seed)
         opt = self._make_optimizer()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(total, warmup, cfg.schedule))
         step, epoch, pos, resumed_from = 0, 0, 0, None
         prior_s, prior_tokens = 0.0, 0  # wall time and tokens of the run before a resume
+        # the metrics window: step losses and tokens since the last metrics record, and its age
+        window: list[float] = []
+        win_tokens, win_age = 0, 0.0
         if resume:
             path = self._find_checkpoint(resume, root)
             if path is None:
@@ -363,6 +362,9 @@ class Trainer:
                 self._restore(c, opt, sched, fingerprint)
                 step, epoch, pos, resumed_from = c.step, c.state["epoch"], c.state["batch_in_epoch"], path
                 prior_s, prior_tokens = float(c.state.get("elapsed_s", 0.0)), int(c.state.get("tokens", 0))
+                win = c.state.get("log_window") or {}  # absent in checkpoints of older versions
+                window, win_tokens, win_age = list(win.get("losses", [])), int(win.get("tokens", 0)), float(win.get("seconds", 0.0))
+                _warn_if_threads_differ(c)
                 log.info("resumed from %s (step %d)", path, step)
         elif ckpt.list_checkpoints(root):
             raise CheckpointError(f"{root} already holds checkpoints of an earlier run; pass resume=True to continue it, or use another out_dir")
@@ -376,9 +378,9 @@ class Trainer:
         stream = self._batches(epoch, pos)
         losses: list[tuple[int, float]] = []
         eval_losses: list[tuple[int, float]] = []
-        window: list[float] = []
-        tokens_run, win_tokens, last_ckpt = 0, 0, resumed_from
-        t_start = win_start = time.perf_counter()
+        tokens_run, last_ckpt = 0, resumed_from
+        t_start = time.perf_counter()
+        win_start = t_start - win_age
         bar = _progress_bar(total, step, cfg.progress)
         postfix: dict[str, str] = {}
         try:
@@ -419,7 +421,10 @@ class Trainer:
                     state = {"step": step, "epoch": epoch, "batch_in_epoch": pos, "total_steps": total,
                              "config": cfg.to_dict(), "data_fingerprint": fingerprint,
                              "num_examples": len(self.train_ds), "tokens": prior_tokens + tokens_run,
-                             "elapsed_s": prior_s + time.perf_counter() - t_start}
+                             "elapsed_s": prior_s + time.perf_counter() - t_start,
+                             "log_window": {"losses": window, "tokens": win_tokens,
+                                            "seconds": time.perf_counter() - win_start},
+                             "num_threads": torch.get_num_threads()}
                     tensors = {n: p.detach() for n, p in self._trainable()}
                     last_ckpt = ckpt.save_checkpoint(root, step, tensors, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                                                      state, cfg.keep_last)
@@ -445,6 +450,14 @@ class Trainer:
             metrics_path=out / "metrics.jsonl", plot_path=plot_path, adapter_dir=adapter_dir,
             last_checkpoint=last_ckpt, resumed_from=resumed_from,
         )
+
+
+def _warn_if_threads_differ(c: ckpt.Checkpoint) -> None:
+    saved = c.state.get("num_threads")
+    if saved is not None and saved != torch.get_num_threads():
+        log.warning("%s was written with %d torch threads, this run has %d: CPU reductions may round "
+                    "differently, so the losses can drift from the uninterrupted run in the last bits; "
+                    "torch.set_num_threads(%d) reproduces it exactly", c.path, saved, torch.get_num_threads(), saved)
 
 
 def _enable_checkpointing(model: nn.Module) -> Callable[[], None] | None:
