@@ -14,10 +14,18 @@ the parent dir fsynced. A crash at any point leaves either no ``step-*`` dir or 
 a ``step-*`` dir whose ``COMPLETE`` is missing or disagrees with the file sizes (e.g. a
 partial copy) is ignored when resuming. ``.pt`` files hold only tensors and plain Python
 containers and are read back with ``torch.load(weights_only=True)``.
+
+Each file is serialized in memory first and written by :func:`_write_file`: the serializers'
+own file writers turn a full disk into ``RuntimeError: unexpected pos`` (torch) or a
+``SafetensorError``, while a plain ``write`` raises ``OSError(ENOSPC)``, which
+:func:`save_checkpoint` reports as a :class:`CheckpointError` naming the dir and the cause.
+The extra memory is one copy of the adapter's tensors and optimizer state.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import random
@@ -30,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from adapterkit.errors import CheckpointError
 
@@ -56,6 +65,32 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it; a full disk raises ``OSError(ENOSPC)`` as is."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write_error(final: Path, root: Path, err: OSError) -> CheckpointError:
+    """The error for a failed checkpoint write: the dir, the cause, and what is still there."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"no space left on the device holding {root} ({err.strerror})"
+    else:
+        why = f"{err.strerror or err} ({err.filename or root})"
+    prev = latest_checkpoint(root)
+    kept = f"the previous checkpoint {prev} is intact and resumable" if prev else "no earlier checkpoint exists"
+    return CheckpointError(f"{final}: cannot write the checkpoint: {why}. Nothing was half-written "
+                           f"({kept}); free some space and resume with --resume / train(resume=True)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,23 +223,29 @@ def save_checkpoint(
         keep_last: keep this many newest complete checkpoints (None: keep all).
     Returns:
         The final checkpoint dir.
+    Raises:
+        CheckpointError: the dir cannot be written (a full disk, no permission ...); the
+            temp dir is removed and the earlier checkpoints are untouched.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise _write_error(final, root, e) from e
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / "trainable.safetensors"))
-        torch.save(optim, tmp / "optimizer.pt")
-        torch.save(capture_rng(), tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
-            files[f.name] = f.stat().st_size
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
-        _fsync_file(tmp / MARKER)
+        contents = {
+            "trainable.safetensors": safetensors_bytes(cpu),
+            "optimizer.pt": _torch_bytes(optim),
+            "rng.pt": _torch_bytes(capture_rng()),
+            "trainer_state.json": json.dumps(state, indent=1, sort_keys=True).encode(),
+        }
+        for name, data in contents.items():
+            _write_file(tmp / name, data)
+        files = {name: len(data) for name, data in contents.items()}
+        _write_file(tmp / MARKER, json.dumps({"step": step, "files": files}).encode())
         _fsync_dir(tmp)
         if final.exists():
             # a leftover from an earlier run (or an incomplete copy): move it aside first,
@@ -214,8 +255,10 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+            raise _write_error(final, root, e) from e
         raise
     if keep_last is not None and keep_last > 0:
         for _, old_path in list_checkpoints(root)[:-keep_last]:
