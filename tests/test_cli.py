@@ -76,3 +76,8 @@ def test_convert_round_trip(tmp_path):
 
     x = torch.randint(0, 128, (2, 5))
     assert (m2(x).logits - m(x).logits).abs().max().item() <= 1e-5
+
+    assert main(["convert", "--to", "adapterhub", str(tmp_path / "a"), str(tmp_path / "ah")]) == 0
+    m3 = tiny_llama()
+    ak.load_adapter(m3, tmp_path / "ah")
+    assert (m3(x).logits - m(x).logits).abs().max().item() <= 1e-5

@@ -664,14 +664,17 @@ def save_adapter(model: nn.Module, name: str, path: str | Path, format: str = "a
         path: the directory to write (created or replaced).
         format: ``"adapterkit"`` (native: ``adapter_config.json`` with a base fingerprint +
             ``adapter.safetensors``) or ``"peft"`` (PEFT's ``adapter_config.json`` +
-            ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``).
+            ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``) or
+            ``"adapterhub"`` (AdapterHub ``adapters``' layout, loadable by ``model.load_adapter``;
+            the adapter's name inside the file is ``name``).
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
         AdapterNotFoundError: no adapter ``name``.
-        ConfigError: unknown ``format``, or a method / config field PEFT cannot express.
+        ConfigError: unknown ``format``, or a method / config field / architecture that format
+            cannot express.
         AdapterFileError: ``path`` exists and is not a directory, or the disk is full.
     """
     rec = get_state(model).record(name)
@@ -687,7 +690,11 @@ def save_adapter(model: nn.Module, name: str, path: str | Path, format: str = "a
         from .formats.peft import write_peft
 
         return write_peft(path, model, rec.method, config, tensors)
-    raise ConfigError(f"unknown format {format!r}; use 'adapterkit' or 'peft'")
+    if format == "adapterhub":
+        from .formats.adapterhub import write_adapterhub
+
+        return write_adapterhub(path, model, rec.method, config, tensors, name)
+    raise ConfigError(f"unknown format {format!r}; use 'adapterkit', 'peft' or 'adapterhub'")
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, trainable: bool = False

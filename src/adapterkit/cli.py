@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="default")
     s.set_defaults(fn=cmd_merge)
 
-    s = sub.add_parser("convert", help="convert an adapter between the native and PEFT formats")
-    s.add_argument("--to", choices=["peft", "native"], required=True)
+    s = sub.add_parser("convert", help="convert an adapter between the native, PEFT and AdapterHub formats")
+    s.add_argument("--to", choices=["peft", "native", "adapterhub"], required=True)
     s.add_argument("src")
     s.add_argument("dst")
     s.set_defaults(fn=cmd_convert)

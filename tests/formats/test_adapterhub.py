@@ -209,3 +209,17 @@ def test_convert_both_ways(tmp_path: Path, ids: torch.Tensor) -> None:
         convert(tmp_path / "peft", tmp_path / "ah2", to="adapterhub")
     convert(tmp_path / "peft", tmp_path / "ah2", to="adapterhub", model=tiny_llama())
     assert detect_format(tmp_path / "ah2") == "adapterhub"
+
+
+def test_save_adapter_in_adapterhub_format(tmp_path: Path, ids: torch.Tensor) -> None:
+    model = tiny_llama()
+    ak.add_adapter(model, "x", CONFIGS["lora"])
+    _randomize(model, "x")
+    path = ak.save_adapter(model, "x", tmp_path / "ah", format="adapterhub")
+    assert detect_format(path) == "adapterhub"
+    assert json.loads((path / "adapter_config.json").read_text())["name"] == "x"
+    fresh = tiny_llama()
+    ak.load_adapter(fresh, path, name="y")
+    assert (_logits(fresh, ids) - _logits(model, ids)).abs().max().item() <= 1e-5
+    with pytest.raises(ConfigError, match="'adapterkit', 'peft' or 'adapterhub'"):
+        ak.save_adapter(model, "x", tmp_path / "other", format="adapterhubb")
