@@ -8,6 +8,9 @@
 bool (true/false), none, or a comma-separated list; a single plain name for a list field
 (``--set targets=q_proj``) becomes a one-element list. Unknown keys are refused with the
 closest valid field.
+
+Under ``torchrun --nproc_per_node K`` or ``accelerate launch`` the same command trains on K
+processes (``--batch-size`` is per process; see docs/distributed.md); only rank 0 prints.
 """
 from __future__ import annotations
 
@@ -93,6 +96,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="evaluation JSONL (same formats)")
     p.add_argument("--out", required=True, help="run dir: checkpoints/, metrics.jsonl, loss.png, adapter/")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), 'tiny' (random, for smoke tests) or a local HF dir")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where to train; 'cuda' under torchrun uses cuda:LOCAL_RANK (one GPU per process)")
     p.add_argument("--name", help="adapter name (default: the method)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="method config field, repeatable")
     g = p.add_argument_group("training")
@@ -122,14 +127,31 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _load(model: str) -> tuple[Any, Any]:
+def _device(name: str) -> Any:
+    """``cpu``, or ``cuda:LOCAL_RANK`` (0 outside torchrun).
+
+    Raises:
+        ConfigError: ``cuda`` without a CUDA device.
+    """
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    from adapterkit.train.distributed import env_info
+
+    return torch.device("cuda", env_info().local_rank)
+
+
+def _load(model: str, device: Any) -> tuple[Any, Any]:
     if model == "tiny":
         from adapterkit.train.toy import toy_llama, toy_tokenizer
 
-        return toy_llama(), toy_tokenizer()
+        return toy_llama().to(device), toy_tokenizer()
     from adapterkit.models import load_model
 
-    return load_model(model)
+    return load_model(model, device=device)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -159,13 +181,17 @@ def run_train(args: argparse.Namespace) -> int:
     # before the adapter exists: its init (e.g. LoRA's A) draws from the global RNGs, and an
     # unseeded init made two same-seed runs differ from the first step on
     seed_everything(args.seed)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, _device(getattr(args, "device", "cpu")))
     name = args.name or args.method
     ak.add_adapter(model, name, adapter_cfg)
     trainer = Trainer(model, args.data, eval_data=args.eval_data, config=cfg, tokenizer=tokenizer, adapter_name=name)
+    if not trainer.dist.is_main:  # only rank 0 reports
+        trainer.train(resume=args.resume)
+        return 0
     n_train = ak.trainable_parameters(model, name)
+    world = f" on {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     print(f"training {args.method} adapter {name!r} ({n_train:,} params) on {len(trainer.train_ds)} examples "
-          f"({trainer.train_ds.num_supervised:,} supervised tokens)", file=sys.stderr)
+          f"({trainer.train_ds.num_supervised:,} supervised tokens){world}", file=sys.stderr)
     res = trainer.train(resume=args.resume)
     summary = {
         "adapter": str(res.adapter_dir), "steps": res.steps, "final_loss": res.final_loss, "eval_loss": res.eval_loss,

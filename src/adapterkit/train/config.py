@@ -29,7 +29,7 @@ class TrainConfig:
         lr: peak learning rate of AdamW.
         steps: optimizer steps to run; exclusive with ``epochs``. Neither given: 1 epoch.
         epochs: passes over the training data (may be fractional); exclusive with ``steps``.
-        batch_size: examples per micro-batch.
+        batch_size: examples per micro-batch (per process under torchrun / accelerate launch).
         grad_accum: micro-batches per optimizer step (effective batch = batch_size * grad_accum).
         warmup_steps: linear warmup length in steps; exclusive with ``warmup_ratio``.
         warmup_ratio: warmup as a fraction of the total steps.
@@ -111,11 +111,12 @@ class TrainConfig:
         if self.max_length is not None and not (is_int(self.max_length) and self.max_length >= 2):
             raise bad("max_length", "must be an integer >= 2 or None")
 
-    def total_steps(self, num_examples: int) -> int:
-        """Optimizer steps of the run for a dataset of ``num_examples`` examples."""
+    def total_steps(self, num_examples: int, world_size: int = 1) -> int:
+        """Optimizer steps of the run for ``num_examples`` examples and ``world_size`` processes
+        (``batch_size`` is per process, so an epoch has ``num_examples / (batch_size * world_size)`` batches)."""
         if self.steps is not None:
             return self.steps
-        batches_per_epoch = math.ceil(num_examples / self.batch_size)
+        batches_per_epoch = math.ceil(num_examples / (self.batch_size * world_size))
         return max(1, math.ceil((self.epochs or 1.0) * batches_per_epoch / self.grad_accum))
 
     def resolved_warmup(self, total: int) -> int:

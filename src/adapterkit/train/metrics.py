@@ -49,6 +49,16 @@ class MetricsWriter:
         self._f.close()
 
 
+class NullMetricsWriter:
+    """The writer of the ranks other than 0 in a multi-process run: drops every record."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def plot_losses(metrics_path: Path, png_path: Path, title: str | None = None) -> Path:
     """Plot train ``loss`` and ``eval_loss`` against step into a PNG.
 

@@ -17,6 +17,11 @@ Resuming restores the trainable tensors, AdamW and scheduler state, every RNG, t
 position and the metrics window (the losses and tokens since the last ``metrics.jsonl``
 record), so ``N`` steps straight and ``k`` steps + kill + resume + ``N-k`` steps give the
 same losses and the same metrics records, bit for bit on CPU (tested with a ``kill -9``).
+
+Under ``torchrun`` / ``accelerate launch`` (see :mod:`adapterkit.train.distributed`) each rank
+trains on its slice of every global batch, ``batch_size`` is per rank, and only rank 0 writes
+checkpoints, metrics, the plot and the adapter; ``K`` ranks x batch ``b`` follow the loss
+curve of 1 rank x batch ``K*b``.
 """
 from __future__ import annotations
 
@@ -43,9 +48,10 @@ from adapterkit.errors import (
     did_you_mean,
 )
 from adapterkit.train import checkpoint as ckpt
+from adapterkit.train import distributed as dist
 from adapterkit.train.config import RESUME_SENSITIVE, TrainConfig, make_lr_lambda
 from adapterkit.train.data import IGNORE_INDEX, PadCollator, SFTDataset, build_dataset, pad_token_id_for
-from adapterkit.train.metrics import MetricsWriter, plot_losses
+from adapterkit.train.metrics import MetricsWriter, NullMetricsWriter, plot_losses
 from adapterkit.train.repro import deterministic_algorithms, resolve_deterministic, seed_everything
 
 log = logging.getLogger(__name__)
@@ -149,6 +155,7 @@ class Trainer:
         self.collate = PadCollator(pad_token_id_for(tokenizer))
         self.device = next(model.parameters()).device
         self.use_bf16 = self._resolve_bf16()
+        self.dist = dist.setup(self.device)  # world 1 unless launched by torchrun / accelerate
 
     # -- set-up helpers -------------------------------------------------------------------
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -215,31 +222,37 @@ class Trainer:
         self.model.eval()
         total, n = 0.0, 0
         try:
-            bs = self.config.batch_size
-            for i in range(0, len(self.eval_ds), bs):
+            bs, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
+            for i in range(rank * bs, len(self.eval_ds), world * bs):  # rank r: batches r, r+K, ...
                 batch = self._to_device(self.collate([self.eval_ds[j] for j in range(i, min(i + bs, len(self.eval_ds)))]))
                 total += float(self._loss_sum(batch))
                 n += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         finally:
             self.model.train(was_training)
+        if self.dist.enabled:
+            total, n = dist.all_reduce_sum(torch.tensor([total, n], dtype=torch.float64, device=self.device)).tolist()
         return total / max(n, 1)
 
     # -- data order -----------------------------------------------------------------------
-    def _batches(self, epoch: int, pos: int) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
-        """Endless micro-batches; yields ``(batch, epoch, position after it)``.
+    def _batches(self, epoch: int, pos: int) -> Iterator[tuple[dict[str, torch.Tensor] | None, int, int]]:
+        """Endless micro-batches of this rank; yields ``(batch, epoch, position after it)``.
 
         Epoch ``e`` uses the permutation seeded by ``(seed, e)``, so the data position is
-        just two ints and resuming never replays or skips an example.
+        just two ints and resuming never replays or skips an example. With ``K`` ranks the
+        position counts global batches of ``K * batch_size`` and rank ``r`` takes the
+        ``r``-th slice of each; a rank left without examples by the short last batch of
+        an epoch gets ``None``.
         """
         n, bs = len(self.train_ds), self.config.batch_size
-        per_epoch = math.ceil(n / bs)
+        gbs, r = bs * self.dist.world_size, self.dist.rank
+        per_epoch = math.ceil(n / gbs)
         while True:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g).tolist()
             while pos < per_epoch:
-                idx = perm[pos * bs : (pos + 1) * bs]
+                idx = perm[pos * gbs : (pos + 1) * gbs][r * bs : (r + 1) * bs]
                 pos += 1
-                yield self.collate([self.train_ds[i] for i in idx]), epoch, pos
+                yield (self.collate([self.train_ds[i] for i in idx]) if idx else None), epoch, pos
             epoch, pos = epoch + 1, 0
 
     # -- resume ---------------------------------------------------------------------------
@@ -254,10 +267,35 @@ class Trainer:
             raise CheckpointError(f"{p}: no complete checkpoint found to resume from")
         return found
 
+    def _load_for_resume(self, resume: bool | str | Path, root: Path) -> tuple[Path | None, Any]:
+        """``(checkpoint path, Checkpoint)``, ``(None, None)`` for a fresh start, or ``(None, error)``.
+
+        The error is returned rather than raised so that rank 0 can hand it to the other
+        ranks, which would otherwise wait for it forever.
+        """
+        try:
+            if not resume:
+                if ckpt.list_checkpoints(root):
+                    raise CheckpointError(f"{root} already holds checkpoints of an earlier run; pass resume=True "
+                                          "to continue it, or use another out_dir")
+                return None, None
+            path = self._find_checkpoint(resume, root)
+            return path, (ckpt.load_checkpoint(path) if path is not None else None)
+        except CheckpointError as e:
+            return None, e
+
     def _restore(self, c: ckpt.Checkpoint, opt: torch.optim.Optimizer, sched: Any, fingerprint: str) -> None:
         saved_cfg = c.state.get("config", {})
         mine = self.config.to_dict()
-        diff = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs now {mine[k]!r}" for k in RESUME_SENSITIVE if saved_cfg.get(k) != mine[k]]
+        # the per-rank batch may change with the world size; the global batch may not
+        diff = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs now {mine[k]!r}" for k in RESUME_SENSITIVE
+                if k != "batch_size" and saved_cfg.get(k) != mine[k]]
+        saved_world, world = int(c.state.get("world_size", 1)), self.dist.world_size
+        saved_b = saved_cfg.get("batch_size")
+        if not isinstance(saved_b, int) or saved_b * saved_world != self.config.batch_size * world:
+            diff.append(f"global batch (batch_size x processes): checkpoint {saved_b} x {saved_world} vs now "
+                        f"{self.config.batch_size} x {world}; keep the product, e.g. batch_size "
+                        f"{(saved_b or 0) * saved_world / world:g} with {world} process(es)")
         if diff:
             raise CheckpointError(f"{c.path}: cannot resume with a different config ({'; '.join(diff)}); use a new out_dir")
         if c.state.get("data_fingerprint") != fingerprint:
@@ -294,8 +332,11 @@ class Trainer:
         Raises:
             TrainingDivergedError: NaN/Inf loss or gradient (the params are left untouched).
         """
-        batches = [self._to_device(b) for b in micro]
+        batches = [self._to_device(b) for b in micro if b is not None]
         n_sup = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
+        if self.dist.enabled:  # normalise by the supervised tokens of the whole step, all ranks
+            n_sup, n_tok = (int(x) for x in dist.all_reduce_sum(torch.tensor([n_sup, n_tok], device=self.device)).tolist())
         step_loss = torch.zeros((), device=self.device)
         for b in batches:
             loss_sum = self._loss_sum(b)
@@ -304,9 +345,11 @@ class Trainer:
         aux = 0.0
         if self.loss_terms:
             reg = self._loss_terms_value()
-            if reg.requires_grad:  # a constant term changes the reported loss only
-                reg.backward()
+            if reg.requires_grad and self.dist.is_main:  # a constant term changes the reported loss only
+                reg.backward()  # on rank 0 alone: the all-reduce below sums it once, as in 1 process
             aux = float(reg.detach())
+        if self.dist.enabled:
+            step_loss = dist.all_reduce_grads(params, step_loss)
         loss = float(step_loss) / n_sup
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -315,7 +358,7 @@ class Trainer:
                                         "lower the lr or check the data")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss, aux, grad_norm, sum(int(b["attention_mask"].sum()) for b in batches)
+        return loss, aux, grad_norm, n_tok
 
     def train(self, resume: bool | str | Path = False) -> TrainResult:
         """Run (or continue) training to ``config.total_steps``.
@@ -334,14 +377,20 @@ class Trainer:
         cfg = self.config
         out = Path(cfg.out_dir)
         root = out / "checkpoints"
-        out.mkdir(parents=True, exist_ok=True)
-        with ckpt.run_lock(out), deterministic_algorithms(resolve_deterministic(cfg.deterministic, self.device)):
-            return self._train(resume, out, root)
+        main = self.dist.is_main  # only rank 0 touches out_dir (and holds its lock)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        with ckpt.run_lock(out) if main else nullcontext(), \
+                deterministic_algorithms(resolve_deterministic(cfg.deterministic, self.device)):
+            result = self._train(resume, out, root)
+        dist.barrier()  # the other ranks return once rank 0 has written the adapter and plot
+        return result
 
     def _train(self, resume: bool | str | Path, out: Path, root: Path) -> TrainResult:
-        cfg = self.config
-        ckpt.remove_stale_temps(root)
-        total = cfg.total_steps(len(self.train_ds))
+        cfg, main = self.config, self.dist.is_main
+        if main:
+            ckpt.remove_stale_temps(root)
+        total = cfg.total_steps(len(self.train_ds), self.dist.world_size)
         warmup = cfg.resolved_warmup(total)
         fingerprint = self._data_fingerprint()
 
@@ -353,41 +402,50 @@ class Trainer:
         # the metrics window: step losses and tokens since the last metrics record, and its age
         window: list[float] = []
         win_tokens, win_age = 0, 0.0
+        # rank 0 reads the disk and ships the checkpoint (or its error) to the others
+        path, c = dist.broadcast_object(self._load_for_resume(resume, root) if main else None, self.dist, self.device)
+        if isinstance(c, BaseException):
+            raise c
         if resume:
-            path = self._find_checkpoint(resume, root)
             if path is None:
-                log.warning("resume=True but %s holds no complete checkpoint: starting from step 0", root)
+                if main:
+                    log.warning("resume=True but %s holds no complete checkpoint: starting from step 0", root)
             else:
-                c = ckpt.load_checkpoint(path)
                 self._restore(c, opt, sched, fingerprint)
                 step, epoch, pos, resumed_from = c.step, c.state["epoch"], c.state["batch_in_epoch"], path
                 prior_s, prior_tokens = float(c.state.get("elapsed_s", 0.0)), int(c.state.get("tokens", 0))
                 win = c.state.get("log_window") or {}  # absent in checkpoints of older versions
                 window, win_tokens, win_age = list(win.get("losses", [])), int(win.get("tokens", 0)), float(win.get("seconds", 0.0))
-                _warn_if_threads_differ(c)
-                log.info("resumed from %s (step %d)", path, step)
-        elif ckpt.list_checkpoints(root):
-            raise CheckpointError(f"{root} already holds checkpoints of an earlier run; pass resume=True to continue it, or use another out_dir")
+                if main:
+                    _warn_if_threads_differ(c)
+                    log.info("resumed from %s (step %d)", path, step)
 
-        metrics = MetricsWriter(out / "metrics.jsonl", keep_until_step=step if resumed_from else None)
+        if main:
+            metrics: MetricsWriter | NullMetricsWriter = MetricsWriter(out / "metrics.jsonl", keep_until_step=step if resumed_from else None)
+        else:
+            metrics = NullMetricsWriter()
         gc_disable = _enable_checkpointing(self.model) if cfg.gradient_checkpointing else None
         was_training = self.model.training
         self.model.train()
         params = [p for _, p in self._trainable()]
-        per_epoch = math.ceil(len(self.train_ds) / cfg.batch_size)
+        if self.dist.enabled and resumed_from is None:
+            dist.broadcast_params(params)  # one starting point even if the adapter init was unseeded
+        per_epoch = math.ceil(len(self.train_ds) / (cfg.batch_size * self.dist.world_size))
         stream = self._batches(epoch, pos)
         losses: list[tuple[int, float]] = []
         eval_losses: list[tuple[int, float]] = []
         tokens_run, last_ckpt = 0, resumed_from
         t_start = time.perf_counter()
         win_start = t_start - win_age
-        bar = _progress_bar(total, step, cfg.progress)
+        bar = _progress_bar(total, step, cfg.progress and main)
         postfix: dict[str, str] = {}
         try:
             while step < total:
                 micro = [next(stream) for _ in range(cfg.grad_accum)]
                 epoch, pos = micro[-1][1], micro[-1][2]
                 lr = sched.get_last_lr()[0]  # the lr this step uses
+                if self.dist.enabled:
+                    _seed_rank_step(cfg.seed, step, self.dist.rank)
                 loss, aux, grad_norm, n_tok = self._optimizer_step([b for b, _, _ in micro], opt, params, step + 1)
                 sched.step()
                 step += 1
@@ -417,14 +475,14 @@ class Trainer:
                     metrics.write({"step": step, "eval_loss": ev})
                     postfix["eval"] = f"{ev:.4f}"
                     bar.set_postfix(postfix)
-                if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+                if main and cfg.save_every and (step % cfg.save_every == 0 or step == total):
                     state = {"step": step, "epoch": epoch, "batch_in_epoch": pos, "total_steps": total,
                              "config": cfg.to_dict(), "data_fingerprint": fingerprint,
                              "num_examples": len(self.train_ds), "tokens": prior_tokens + tokens_run,
                              "elapsed_s": prior_s + time.perf_counter() - t_start,
                              "log_window": {"losses": window, "tokens": win_tokens,
                                             "seconds": time.perf_counter() - win_start},
-                             "num_threads": torch.get_num_threads()}
+                             "num_threads": torch.get_num_threads(), "world_size": self.dist.world_size}
                     tensors = {n: p.detach() for n, p in self._trainable()}
                     last_ckpt = ckpt.save_checkpoint(root, step, tensors, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                                                      state, cfg.keep_last)
@@ -437,12 +495,16 @@ class Trainer:
         if self.eval_ds is not None and not eval_losses and resumed_from is not None and step == total:
             ev = self.evaluate()  # resumed a finished run: report its eval loss anyway
             eval_losses.append((step, ev))
-        plot_path = plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{self.adapter_name or 'adapter'} training loss")
+        plot_path = out / "loss.png"
+        if main:
+            plot_losses(out / "metrics.jsonl", plot_path, title=f"{self.adapter_name or 'adapter'} training loss")
         adapter_dir = None
         if self.adapter_name is not None:
-            from adapterkit.api import save_adapter  # lazy: the core imports nothing from train/
+            adapter_dir = out / "adapter"
+            if main:
+                from adapterkit.api import save_adapter  # lazy: the core imports nothing from train/
 
-            adapter_dir = Path(save_adapter(self.model, self.adapter_name, out / "adapter"))
+                adapter_dir = Path(save_adapter(self.model, self.adapter_name, adapter_dir))
         return TrainResult(
             steps=step, total_steps=total, losses=losses, eval_losses=eval_losses,
             final_loss=losses[-1][1] if losses else None, eval_loss=eval_losses[-1][1] if eval_losses else None,
@@ -450,6 +512,15 @@ class Trainer:
             metrics_path=out / "metrics.jsonl", plot_path=plot_path, adapter_dir=adapter_dir,
             last_checkpoint=last_ckpt, resumed_from=resumed_from,
         )
+
+
+def _seed_rank_step(seed: int, step: int, rank: int) -> None:
+    """Seed the global torch RNG (dropout's) from ``(seed, step, rank)`` before a step.
+
+    Multi-process only: the ranks draw different dropout masks, and the masks of a step
+    depend on nothing saved, so a resume continues them exactly whatever the world size.
+    """
+    torch.manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
 
 
 def _warn_if_threads_differ(c: ckpt.Checkpoint) -> None:
