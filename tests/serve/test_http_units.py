@@ -125,7 +125,8 @@ def test_schemas() -> None:
     assert r.prompt == "only" and r.stop_list() == ["x"] and r.max_tokens == 16
     assert CompletionRequest(model="m", prompt=[[1, 2]]).prompt == [1, 2]
     for bad in ({"prompt": ["a", "b"]}, {"prompt": []}, {"n": 2}, {"temperature": -0.1}, {"top_p": 0},
-                {"stop": [""]}, {"stop": ["s"] * 17}, {"echo": True}, {"logprobs": 2}, {"presence_penalty": 1.0},
+                {"stop": [""]}, {"stop": ["s"] * 17}, {"max_tokens": 0}, {"logprobs": 21}, {"logprobs": True},
+                {"presence_penalty": 1.0},
                 {"max_tokens": 2, "min_tokens": 3}, {"seed": 2**70}, {"top_k": -2}):
         with pytest.raises(ValidationError):
             CompletionRequest(**{"model": "m", "prompt": "p", **bad})

@@ -41,7 +41,8 @@ from adapterkit.errors import (
     QueueFullError,
     UnsupportedModuleError,
 )
-from adapterkit.serve.types import ContextLengthError, GenerationChunk
+from adapterkit.serve.logprobs import LogprobFormatter
+from adapterkit.serve.types import MAX_LOGPROBS, ContextLengthError, GenerationChunk
 
 log = logging.getLogger("adapterkit.serve")
 
@@ -137,6 +138,7 @@ NonNegInt = Annotated[int, Strict(), Field(ge=0), BeforeValidator(_integral)]
 TopK = Annotated[int, Strict(), Field(ge=-1), BeforeValidator(_integral)]
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**64), BeforeValidator(_integral)]  # torch's range
 TokenId = NonNegInt
+LogprobsK = Annotated[int, Strict(), Field(ge=0, le=MAX_LOGPROBS), BeforeValidator(_integral)]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 # Documented in the OpenAPI schema only (the validators below give the clearer messages):
@@ -220,7 +222,6 @@ class SamplingFields(_Lenient):
     seed: Seed | None = None
     ignore_eos: Bool = False
     min_tokens: NonNegInt = 0
-    logprobs: Any = Field(default=None, json_schema_extra={"enum": [None, False, 0]})
     presence_penalty: Float = Field(default=0.0, json_schema_extra=_ONLY_ZERO)
     frequency_penalty: Float = Field(default=0.0, json_schema_extra=_ONLY_ZERO)
 
@@ -243,13 +244,6 @@ class SamplingFields(_Lenient):
                 raise ValueError("stop sequences must be non-empty strings")
         elif v == "":
             raise ValueError("stop sequences must be non-empty strings")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -275,6 +269,10 @@ class SamplingFields(_Lenient):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token) for `SamplingParams`; None = off."""
+        return None, None
+
 
 class _FieldError(ValueError):
     """A cross-field validation error that knows which field to blame (becomes ``param``)."""
@@ -294,8 +292,9 @@ class CompletionRequest(SamplingFields):
         Annotated[list[TokenId], Field(json_schema_extra={"minItems": 1})] | \
         Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})] | \
         Annotated[list[list[TokenId]], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
-    max_tokens: PosInt | None = 16  # OpenAI's default for completions
-    echo: Bool = Field(default=False, json_schema_extra={"enum": [False]})
+    max_tokens: NonNegInt | None = 16  # OpenAI's default; 0 only with echo (score the prompt)
+    echo: Bool = False
+    logprobs: LogprobsK | None = None
     suffix: str | None = Field(default=None, json_schema_extra={"enum": [None]})
     best_of: Int | None = Field(default=None, json_schema_extra=_ONLY_ONE)
 
@@ -310,10 +309,23 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("echo", "suffix", "best_of")
+    @model_validator(mode="after")
+    def _zero_needs_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise _FieldError("max_tokens", "max_tokens=0 generates nothing: it is only allowed with echo=true "
+                              "(to score the prompt, e.g. with logprobs)")
+        return self
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        # max_tokens 0 always computes the prompt's log-probs (the engine's "score only" mode);
+        # they are returned only when `logprobs` asks
+        prompt = self.logprobs if self.echo and self.logprobs is not None else 0 if self.max_tokens == 0 else None
+        return self.logprobs, prompt
+
+    @field_validator("suffix", "best_of")
     @classmethod
     def _unsupported(cls, v: Any, info: Any) -> Any:
-        allowed = {"echo": (False,), "suffix": (None,), "best_of": (None, 1)}[info.field_name]
+        allowed = {"suffix": (None,), "best_of": (None, 1)}[info.field_name]
         if v is True or v not in allowed:  # `True in (1,)` holds in Python, hence `is True`
             raise ValueError(f"{info.field_name}={v!r} is not supported by this server")
         return v
@@ -350,9 +362,45 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PosInt | None = None
     add_generation_prompt: Bool = True
+    logprobs: Bool | None = False
+    top_logprobs: LogprobsK | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _FieldError("top_logprobs", "top_logprobs needs logprobs=true")
+        return self
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0, None) if self.logprobs else (None, None)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's ``POST /tokenize``: ``prompt`` (text) or ``messages`` (the chat template applied).
+    ``model`` may name an adapter or the base (they share one tokenizer); default the base."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: Bool = True  # prompt form only (the template writes its own)
+    add_generation_prompt: Bool = True  # messages form only
+    return_token_strs: Bool = False
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _FieldError("prompt", "give exactly one of `prompt` (text) and `messages` (chat)")
+        return self
+
+
+class DetokenizeRequest(_Lenient):
+    """vLLM's ``POST /detokenize``: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 ADAPTER_NAME_RULE = ("1-200 characters from A-Z a-z 0-9 and '_' '.' '-' ':', starting with a letter, "
@@ -404,7 +452,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_body(
-    rid: str, model: str, text: str, finish: str | None, use: dict[str, int] | None, *, chunk: bool = False
+    rid: str, model: str, text: str, finish: str | None, use: dict[str, int] | None, *, chunk: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A ``text_completion`` object (full response, or one stream chunk when ``chunk``)."""
     body: dict[str, Any] = {
@@ -412,14 +461,15 @@ def completion_body(
         "object": "text_completion",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str, int]) -> dict[str, Any]:
+def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str, int],
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` object."""
     return {
         "id": rid,
@@ -430,7 +480,7 @@ def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
         ],
@@ -439,10 +489,11 @@ def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str
 
 
 def chat_chunk(
-    rid: str, model: str, delta: dict[str, Any] | None, finish: str | None, use: dict[str, int] | None = None
+    rid: str, model: str, delta: dict[str, Any] | None, finish: str | None, use: dict[str, int] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A ``chat.completion.chunk``; ``delta=None`` makes the usage-only chunk (empty choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
     body: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -461,13 +512,50 @@ def model_card(name: str, owned_by: str, root: str, parent: str | None) -> dict[
 
 
 
+class ChoiceShaper:
+    """The text and ``logprobs`` of one choice, fed chunk by chunk: the echoed prompt goes in
+    front of the first piece, and log-probs of chunks whose text the engine held back wait for
+    the next piece, so every piece's log-probs cover exactly the tokens it completes.
+
+    Args:
+        formatter: formats the engine's log-probs, or None when the request asked for none.
+        chat: chat shape (``{"content": [...]}``) instead of the completions one.
+        echo: the prompt text to put first (completions ``echo``), or None.
+    """
+
+    def __init__(self, formatter: LogprobFormatter | None, chat: bool, echo: str | None = None) -> None:
+        self.fmt, self.chat = formatter, chat
+        self.text = echo or ""
+        self.echo = echo is not None
+        self.entries: list[Any] = []
+
+    def feed(self, c: GenerationChunk) -> None:
+        self.text += c.text
+        if self.fmt is not None:
+            if self.echo and c.prompt_logprobs is not None:
+                self.entries += c.prompt_logprobs
+            self.entries += c.logprobs or ()
+
+    def pending(self) -> bool:
+        return bool(self.text)
+
+    def take(self) -> tuple[str, dict[str, Any] | None]:
+        """The text and log-probs gathered since the last call."""
+        text, entries = self.text, self.entries
+        self.text, self.entries = "", []
+        if self.fmt is None:
+            return text, None
+        return text, self.fmt.chat(entries) if self.chat else self.fmt.completion(entries)
+
+
 def sse_json(obj: dict[str, Any]) -> str:
     """One SSE payload (compact JSON, as OpenAI sends)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: SamplingFields,
-                     usage_now: Callable[[], dict[str, int]], chat: bool) -> AsyncIterator[str]:
+                     usage_now: Callable[[], dict[str, int]], chat: bool,
+                     shaper: ChoiceShaper | None = None) -> AsyncIterator[str]:
     """The SSE ``data:`` payloads of one streamed request in OpenAI's chunk format.
 
     Chat starts with a ``{"role": "assistant"}`` delta; chunks whose text is held back by the
@@ -475,8 +563,10 @@ async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: Sam
     choice chunk carries ``finish_reason``; ``stream_options.include_usage`` adds a chunk with
     empty ``choices`` and ``usage``; an engine error becomes an ``{"error": ...}`` event. The
     stream always ends with ``[DONE]``. `chunks` is closed on exit (closing aborts the request).
+    `shaper` adds the echoed prompt and the log-probs (each event carries those of its tokens).
     """
     model = body.model
+    shaper = shaper or ChoiceShaper(None, chat)
     try:
         if chat:
             yield sse_json(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
@@ -484,12 +574,15 @@ async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: Sam
             if c.finish_reason == "error":
                 yield sse_json(error_body(c.error or "generation failed", "server_error", code="engine_error"))
                 break
-            if not c.text and not c.finished:
+            shaper.feed(c)
+            if not shaper.pending() and not c.finished:
                 continue
+            text, lps = shaper.take()
             if chat:
-                yield sse_json(chat_chunk(rid, model, {"content": c.text} if c.text else {}, c.finish_reason))
+                yield sse_json(chat_chunk(rid, model, {"content": text} if text else {}, c.finish_reason,
+                                          logprobs=lps))
             else:
-                yield sse_json(completion_body(rid, model, c.text, c.finish_reason, None, chunk=True))
+                yield sse_json(completion_body(rid, model, text, c.finish_reason, None, chunk=True, logprobs=lps))
         if body.include_usage():
             if chat:
                 yield sse_json(chat_chunk(rid, model, None, None, usage_now()))

@@ -304,7 +304,9 @@ class Engine:
                 token_ids=[t for c in cs for t in c.token_ids], text="".join(c.text for c in cs),
                 finish_reason=last.finish_reason, usage=last.usage,  # type: ignore[arg-type]
                 ttft_s=(s.t_first or s.t_done or 0) - s.t_submit, latency_s=(s.t_done or 0) - s.t_submit,
-                error=last.error))
+                error=last.error,
+                logprobs=[lp for c in cs for lp in c.logprobs or ()] if r.params.logprobs is not None else None,
+                prompt_logprobs=next((c.prompt_logprobs for c in cs if c.prompt_logprobs is not None), None)))
         return outs
 
     def abort(self, request_id: str) -> bool:

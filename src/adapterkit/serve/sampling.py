@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from adapterkit.serve.types import SamplingParams
+from adapterkit.serve.types import SamplingParams, TokenLogprob
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,36 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], genera
         for j, i in enumerate(rows):  # per-request generator: a loop over sampled rows only
             out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
     return out
+
+
+def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in fp32 of raw logits (N, V): the distribution log-probs are reported from
+    (before temperature, top-k/top-p and min_tokens masking)."""
+    return logits.float().log_softmax(-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """One `TokenLogprob` per row: the log-prob of ``targets[i]`` and the ``ks[i]`` most likely tokens.
+
+    Args:
+        logprobs: (N, V) fp32 log-probs (`raw_logprobs`).
+        targets: the token whose log-prob each row reports.
+        ks: alternatives wanted per row (0 = none); only the largest k is searched.
+
+    Returns:
+        N entries; ``top`` holds (token id, log-prob) pairs, best first.
+    """
+    if not targets:
+        return []
+    chosen = logprobs.gather(1, torch.tensor(list(targets), device=logprobs.device).view(-1, 1)).view(-1).tolist()
+    kmax = max(ks)
+    vals: list[list[float]] = [[] for _ in targets]
+    idx: list[list[int]] = [[] for _ in targets]
+    if kmax > 0:
+        v, i = logprobs.topk(min(kmax, logprobs.shape[-1]), dim=-1)
+        vals, idx = v.tolist(), i.tolist()
+    return [TokenLogprob(int(t), c, tuple(zip(idx[r][:k], vals[r][:k])))
+            for r, (t, c, k) in enumerate(zip(targets, chosen, ks))]
 
 
 class OutputState:

@@ -19,8 +19,8 @@ import torch
 from adapterkit.serve.adapters import SlotCache
 from adapterkit.serve.kv import PagedKVCache
 from adapterkit.serve.runner import ModelRunner, StepInput
-from adapterkit.serve.sampling import OutputState, sample_tokens
-from adapterkit.serve.types import EngineConfig, GenerationChunk, GenerationRequest, Usage
+from adapterkit.serve.sampling import OutputState, raw_logprobs, sample_tokens, token_logprobs
+from adapterkit.serve.types import EngineConfig, GenerationChunk, GenerationRequest, TokenLogprob, Usage
 
 
 @dataclass(eq=False)
@@ -36,6 +36,10 @@ class Sequence:
     t_first: float | None = None
     t_done: float | None = None
     finish_reason: str | None = None
+    # prompt log-probs computed so far (entry i: prompt token i); kept across preemption, so a
+    # recomputed prefill does not compute them again. None until the first prefill chunk.
+    prompt_lps: list[TokenLogprob] | None = None
+    prompt_lps_sent: bool = False
 
     @property
     def rid(self) -> str:
@@ -55,6 +59,22 @@ class Sequence:
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.out.token_ids))
+
+    def take_prompt_lps(self) -> list[TokenLogprob] | None:
+        """The prompt log-probs, once (for the first chunk after the prompt is computed)."""
+        if self.prompt_lps is None or self.prompt_lps_sent:
+            return None
+        self.prompt_lps_sent = True
+        return self.prompt_lps
+
+    def prompt_lp_positions(self, a: int, b: int) -> range:
+        """Positions in [a, b) whose logits give a not-yet-computed prompt log-prob (position p
+        predicts prompt token p + 1), when the request wants prompt log-probs."""
+        if self.out.params.prompt_logprobs is None:
+            return range(0)
+        if self.prompt_lps is None:
+            self.prompt_lps = [TokenLogprob(self.prompt_ids[0], None)]
+        return range(max(a, len(self.prompt_lps) - 1), min(b, len(self.prompt_ids) - 1))
 
 
 class Scheduler:
@@ -172,6 +192,9 @@ class Scheduler:
             return 0
         ids, pos, rows, q_lens, ctx_lens, slots, sample_rows = [], [], [], [], [], [], []
         sample_seqs: list[Sequence] = []
+        scored: list[Sequence] = []  # max_tokens 0: the prompt is scored, nothing is generated
+        lp_rows: list[int] = []  # extra logits rows for prompt log-probs (only for requests that want them)
+        lp_owner: list[tuple[Sequence, int]] = []  # (seq, position) of each extra row
         t = 0
         for seq, n in batch:
             a, b = seq.num_computed, seq.num_computed + n
@@ -181,31 +204,64 @@ class Scheduler:
             q_lens.append(n)
             ctx_lens.append(b)
             slots += [seq.slot] * n
+            for p in seq.prompt_lp_positions(a, b):
+                lp_rows.append(t + p - a)
+                lp_owner.append((seq, p))
             t += n
             if b == len(seq.prompt_ids) + len(seq.out.token_ids):  # chunk reaches the end: sample
-                sample_rows.append(t - 1)
-                sample_seqs.append(seq)
+                if seq.out.params.max_tokens == 0:
+                    scored.append(seq)
+                else:
+                    sample_rows.append(t - 1)
+                    sample_seqs.append(seq)
         tables = [self.kv.tables[seq.rid] for seq, _ in batch]
         P = max(len(t) for t in tables)
         ctx_pages = torch.tensor([t + [0] * (P - len(t)) for t in tables], dtype=torch.int64)
         step = StepInput(torch.tensor(ids), torch.tensor(pos), torch.tensor(rows), torch.tensor(q_lens), ctx_pages,
                          torch.tensor(ctx_lens), torch.tensor(slots, dtype=torch.int64),
-                         torch.tensor(sample_rows, dtype=torch.int64))
-        logits = self.runner.forward(step, self.kv.pool, self.cache.slots)
+                         torch.tensor(sample_rows + lp_rows, dtype=torch.int64))
+        all_logits = self.runner.forward(step, self.kv.pool, self.cache.slots)
         for seq, n in batch:
             seq.num_computed += n
+        logits = all_logits[:len(sample_rows)]
+        if lp_rows:
+            self._prompt_logprobs(all_logits[len(sample_rows):], lp_owner)
+        for seq in scored:
+            self._emit(seq, GenerationChunk(seq.rid, [], "", "length", seq.usage(),  # type: ignore[arg-type]
+                                            prompt_logprobs=seq.take_prompt_lps()))
+            self.finish(seq, "length", emit=False)
         if not sample_seqs:
             return 0
+        # log-probs of the raw distribution, before sample_tokens masks banned tokens in place;
+        # only for the rows that asked, so plain decoding pays nothing
+        want = [j for j, s in enumerate(sample_seqs) if s.out.params.logprobs is not None]
+        lps = raw_logprobs(logits[want]) if want else None
         toks = sample_tokens(logits, [s.out.params for s in sample_seqs], [s.generator for s in sample_seqs],
                              [s.out.banned() for s in sample_seqs])
+        chosen: dict[int, TokenLogprob] = {}
+        if lps is not None:
+            got = token_logprobs(lps, [toks[j] for j in want], [sample_seqs[j].out.params.logprobs for j in want])
+            chosen = dict(zip(want, got))
         now = time.perf_counter()
-        for seq, tok in zip(sample_seqs, toks):
+        for j, (seq, tok) in enumerate(zip(sample_seqs, toks)):
             if seq.t_first is None:
                 seq.t_first = now
             d_ids, d_text, finish = seq.out.step(tok)
+            chunk = GenerationChunk(seq.rid, d_ids, d_text, finish, seq.usage(),  # type: ignore[arg-type]
+                                    logprobs=[chosen[j]] if j in chosen else None,
+                                    prompt_logprobs=seq.take_prompt_lps())
             if finish is not None:
-                self._emit(seq, GenerationChunk(seq.rid, d_ids, d_text, finish, seq.usage()))  # type: ignore[arg-type]
+                self._emit(seq, chunk)
                 self.finish(seq, finish, emit=False)
-            elif not self._emit(seq, GenerationChunk(seq.rid, d_ids, d_text, None, seq.usage())):
+            elif not self._emit(seq, chunk):
                 self.finish(seq, "abort", emit=False)  # nobody listens any more: free its pages
         return len(toks)
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, owners: list[tuple[Sequence, int]]) -> None:
+        """Append the log-probs of prompt token p + 1 (from the logits at position p) to each owner."""
+        got = token_logprobs(raw_logprobs(logits), [s.prompt_ids[p + 1] for s, p in owners],
+                             [s.out.params.prompt_logprobs or 0 for s, _ in owners])
+        for (seq, _), lp in zip(owners, got):
+            assert seq.prompt_lps is not None
+            seq.prompt_lps.append(lp)

@@ -5,7 +5,9 @@
 
 Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (stream and non-stream),
 ``/v1/models``, ``/v1/adapters`` (every adapter's status, failed ones included),
-``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/health``, ``/metrics``.
+``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, ``/tokenize``, ``/detokenize``,
+``/version``, ``/health``, ``/metrics``. Completions take ``logprobs`` + ``echo``, chat
+``logprobs`` + ``top_logprobs`` (`adapterkit.serve.logprobs` has the wire shapes).
 The request's ``model`` field names an adapter, or the base model (no adapter).
 Every error uses OpenAI's error JSON shape (see `adapterkit.serve.api`). See docs/serving.md.
 
@@ -37,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapterkit.errors import AdapterNotFoundError, ConfigError, did_you_mean
 from adapterkit.serve import api
 from adapterkit.serve.api import APIError, engine_error, resolve_adapter_path, validation_error
+from adapterkit.serve.logprobs import LogprobFormatter
 from adapterkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 from adapterkit.serve.types import EngineProtocol, GenerationChunk, GenerationRequest, SamplingParams
 
@@ -45,6 +48,7 @@ log = logging.getLogger("adapterkit.serve")
 
 # ----------------------------------------------------------------------------- ASGI plumbing
 _COUNTED = ("/v1/completions", "/v1/chat/completions")
+_KEYED = ("/tokenize", "/detokenize")  # behind the API key too, besides /v1/*
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a 128K-token context can take
 
 
@@ -119,7 +123,7 @@ class _AuthAndCount:
         self.app, self.api_key, self.metrics = app, api_key, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not (scope["path"].startswith("/v1/") or scope["path"] in _KEYED):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -261,17 +265,18 @@ class Server:
                         f"{self.model_name!r} nor a registered adapter." + did_you_mean(model, names),
                         param="model", code="model_not_found")
 
-    def chat_prompt(self, body: api.ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: api.ChatCompletionRequest | api.TokenizeRequest, check_len: bool = True) -> list[int]:
         """Token ids of the chat template applied to the messages (generation prompt appended).
 
         Tokenized by the template itself (not text then encode) so special tokens the template
-        writes (BOS, role markers) are not doubled by the tokenizer's own BOS.
+        writes (BOS, role markers) are not doubled by the tokenizer's own BOS. `check_len`: 400
+        when no room is left for output (off for ``/tokenize``, which only counts).
         """
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "The base model's tokenizer has no chat template; use /v1/completions.",
                            param="messages", code="no_chat_template")
-        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages or ()]
         try:
             ids: Any = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=body.add_generation_prompt)
         except Exception as exc:  # jinja errors, e.g. a template that refuses a role order
@@ -283,7 +288,7 @@ class Server:
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         limit = self.engine.config.max_model_len
-        if len(ids) >= limit:
+        if check_len and len(ids) >= limit:
             raise APIError(400, f"messages: the prompt is {len(ids)} tokens but the model's context is {limit} "
                            "tokens (max_model_len), leaving no room for output.", param="messages",
                            code="context_length_exceeded")
@@ -305,8 +310,10 @@ class Server:
 
     # ---- generation
     def sampling(self, req: api.SamplingFields, max_tokens: int) -> SamplingParams:
+        logprobs, prompt_logprobs = req.logprob_counts()
         try:
             return SamplingParams(
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 top_k=max(req.top_k, 0),  # OpenAI/vLLM use -1 for "off", the engine 0
                 seed=req.seed, stop=tuple(req.stop_list()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
@@ -462,6 +469,17 @@ def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathL
     return app
 
 
+def _decode(tokenizer: Any | None, ids: list[int]) -> str:
+    """Token ids as text ("" without a tokenizer; ids outside the vocabulary are refused later,
+    by the engine, with a 400 naming ``prompt``)."""
+    if tokenizer is None:
+        return ""
+    try:
+        return tokenizer.decode(ids)
+    except Exception:  # noqa: BLE001 - e.g. an id beyond the vocabulary: the engine names it
+        return ""
+
+
 def _usage(gen: _Generation) -> dict[str, int]:
     return api.usage(gen.prompt_tokens, gen.completion_tokens)
 
@@ -505,9 +523,10 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         return {"object": "list", "data": data}
 
     async def run(request: Request, body: api.SamplingFields, greq_kwargs: dict[str, Any], max_tokens: int,
-                  prompt_param: str, chat: bool, max_tokens_param: str | None) -> Response:
+                  prompt_param: str, chat: bool, max_tokens_param: str | None, echo: str | None = None) -> Response:
         """Generate for one request. `max_tokens_param`: the field the client set max_tokens
-        with (prompt + it must fit the context: 400 otherwise), None if it used the default."""
+        with (prompt + it must fit the context: 400 otherwise), None if it used the default.
+        `echo`: the prompt text to return in front of the output (completions ``echo``)."""
         adapter = srv.resolve_model(body.model)
         try:
             greq = GenerationRequest(adapter=adapter, params=srv.sampling(body, max_tokens),
@@ -520,8 +539,13 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             request, srv.start(greq, gen, prompt_param, max_tokens_param or "max_tokens"))
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         chunks = srv.chunks(stream, first, greq, gen)
+        fmt = None
+        if body.logprob_counts()[0] is not None:
+            # with echo the prompt's own tokens come first; otherwise they are the decoding context
+            fmt = LogprobFormatter(engine.tokenizer, () if echo is not None else greq.prompt_token_ids or ())
+        shaper = api.ChoiceShaper(fmt, chat, echo)
         if body.stream:
-            return SSEResponse(api.sse_events(chunks, rid, body, lambda: _usage(gen), chat))
+            return SSEResponse(api.sse_events(chunks, rid, body, lambda: _usage(gen), chat, shaper))
 
         async def collect() -> list[GenerationChunk]:
             try:
@@ -533,10 +557,14 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         last = out[-1]
         if last.finish_reason == "error":
             raise APIError(500, last.error or "generation failed", type="server_error", code="engine_error")
-        text = "".join(c.text for c in out)
+        for c in out:
+            shaper.feed(c)
+        # decoding every token string costs a few ms per hundred tokens: off the event loop
+        text, lps = await anyio.to_thread.run_sync(shaper.take) if fmt is not None else shaper.take()
         if chat:
-            return JSONResponse(api.chat_body(rid, body.model, text, last.finish_reason, _usage(gen)))
-        return JSONResponse(api.completion_body(rid, body.model, text, last.finish_reason, _usage(gen)))
+            return JSONResponse(api.chat_body(rid, body.model, text, last.finish_reason, _usage(gen), lps))
+        return JSONResponse(api.completion_body(rid, body.model, text, last.finish_reason, _usage(gen),
+                                                logprobs=lps))
 
     @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
@@ -544,8 +572,11 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
         kwargs = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         # the default (16) is capped to the room the prompt leaves; an explicit value must fit
         explicit = body.max_tokens is not None and "max_tokens" in body.model_fields_set
-        return await run(request, body, kwargs, body.max_tokens or 16, "prompt", chat=False,
-                         max_tokens_param="max_tokens" if explicit else None)
+        echo = None
+        if body.echo:  # the prompt as sent; token ids read back through the tokenizer
+            echo = prompt if isinstance(prompt, str) else _decode(engine.tokenizer, list(prompt))
+        return await run(request, body, kwargs, 16 if body.max_tokens is None else body.max_tokens, "prompt",
+                         chat=False, max_tokens_param="max_tokens" if explicit else None, echo=echo)
 
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
@@ -558,6 +589,51 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         return await run(request, body, {"prompt_token_ids": ids}, max_tokens, "messages", chat=True,
                          max_tokens_param=field)
+
+    async def check_model(model: str | None) -> None:
+        """404 unless `model` is None, the base or a registered adapter."""
+        if model is not None and model not in srv.base_names() and model not in await srv.adapter_names():
+            raise await srv.not_found(model)
+
+    def tokenizer() -> Any:
+        if engine.tokenizer is None:
+            raise APIError(400, "this server's model has no tokenizer", code="no_tokenizer")
+        return engine.tokenizer
+
+    @app.post("/tokenize", responses=api.error_responses(400, 401, 404, 413))
+    async def tokenize(body: api.TokenizeRequest) -> dict[str, Any]:
+        """vLLM's tokenize: ``{"count", "max_model_len", "tokens", "token_strs"}``."""
+        await check_model(body.model)
+        tok = tokenizer()
+        if body.messages is not None:
+            ids = srv.chat_prompt(body, check_len=False)
+        else:
+            try:
+                ids = [int(t) for t in tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
+            except (TypeError, ValueError) as exc:
+                raise APIError(400, f"prompt: the tokenizer cannot encode it ({exc})", param="prompt",
+                               code="invalid_value") from None
+        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": engine.config.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", responses=api.error_responses(400, 401, 404, 413))
+    async def detokenize(body: api.DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's detokenize: ``{"prompt": text}``."""
+        await check_model(body.model)
+        tok = tokenizer()
+        vocab = engine.runner.vocab_size if hasattr(engine, "runner") else len(tok)
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"tokens: id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens",
+                           code="invalid_value")
+        return {"prompt": tok.decode(body.tokens)}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """The adapterkit version (open, like /health)."""
+        from adapterkit import __version__
+
+        return {"version": __version__}
 
     @app.post("/v1/load_lora_adapter", responses=api.error_responses(400, 401, 409, 413))
     async def load_lora_adapter(body: api.LoadLoraRequest) -> dict[str, Any]:

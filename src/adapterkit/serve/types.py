@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from adapterkit.errors import ConfigError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+MAX_LOGPROBS = 20  # most alternatives per token (vLLM's default max_logprobs, OpenAI chat's top_logprobs)
 
 
 class ContextLengthError(ConfigError):
@@ -89,6 +90,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens (included in token_ids)
     ignore_eos: bool = False  # keep going past the EOS token
     min_tokens: int = 0  # EOS / stop tokens are masked until this many tokens are out
+    # Log-probs of the model's raw distribution (log_softmax of the logits in fp32, before
+    # temperature / top-k / top-p / min_tokens masking, as vLLM's default): None = off, k >= 0 =
+    # the chosen token's log-prob plus the k most likely alternatives.
+    logprobs: int | None = None  # for every generated token
+    prompt_logprobs: int | None = None  # for every prompt token (the first gets None: nothing predicts it)
 
     def __post_init__(self) -> None:
         # accept lists / a single string from JSON, store tuples (frozen + hashable)
@@ -96,8 +102,15 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               f"must be an int >= 1, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS), name,
+                   f"must be None or an int in [0, {MAX_LOGPROBS}], got {v!r}")
+        # max_tokens 0 scores the prompt without generating (lm-eval's log-likelihood requests)
+        low = 0 if self.prompt_logprobs is not None else 1
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= low, "max_tokens",
+               f"must be an int >= {low}, got {self.max_tokens!r}"
+               + ("" if low == 0 else " (0 only with prompt_logprobs)"))
         _check(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                and self.temperature >= 0, "temperature", f"must be a finite float >= 0, got {self.temperature!r}")
         _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
@@ -154,6 +167,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-prob of one token (prompt or generated) and the most likely alternatives at its
+    position. `logprob` is None only for the first prompt token (nothing predicts it)."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), best first; k entries
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """A streamed piece of output: the tokens produced since the previous chunk.
 
@@ -169,6 +192,9 @@ class GenerationChunk:
     finish_reason: FinishReason | None
     usage: Usage
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when params.logprobs is set
+    # every prompt token, in the first chunk after the prompt is computed (params.prompt_logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -189,6 +215,8 @@ class GenerationOutput:
     ttft_s: float  # submit -> first token
     latency_s: float  # submit -> finished
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
