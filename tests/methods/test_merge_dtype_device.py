@@ -70,13 +70,8 @@ CONFIGS: dict[str, Callable[[nn.Module], object]] = {
 }
 MERGEABLE = sorted(n for n in ak.list_methods() if get_method(n).mergeable)
 _NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-# Known, outside merging: prepare_spt's allocation (spt.py, spt_allocate) indexes a CPU tensor
-# (host_of) with the sorted scores' indices, which live on the model's device. Seen on meta
-# with DeviceMixCheck; strict, so the marker must go once that is fixed.
-_KNOWN_CUDA = {"spt": pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                        reason="prepare_spt indexes a CPU tensor with device indices")}
 CASES = [pytest.param(m, "cpu", id=f"{m}-cpu") for m in MERGEABLE] + [
-    pytest.param(m, "cuda", id=f"{m}-cuda", marks=_NEEDS_CUDA + ([_KNOWN_CUDA[m]] if m in _KNOWN_CUDA else []))
+    pytest.param(m, "cuda", id=f"{m}-cuda", marks=_NEEDS_CUDA)
     for m in MERGEABLE]
 
 

@@ -170,7 +170,9 @@ def spt_allocate(scores: dict[str, torch.Tensor], budget: int, r: int, threshold
     lora_cost = torch.tensor([r * (o + i) for o, i in shapes])  # r (in + out) per matrix
     thr = (torch.full_like(lora_cost, threshold, dtype=torch.float64) if threshold is not None
            else lora_cost.double() / threshold_ratio)
-    flat = torch.cat([scores[h].reshape(-1).float() for h in names])
+    # bookkeeping on the CPU whatever the model's device (the pieces move their indices to the
+    # weight's device); mixing device scores with the CPU index tensors below fails on CUDA
+    flat = torch.cat([scores[h].reshape(-1).float().cpu() for h in names])
     host_of = torch.repeat_interleave(torch.arange(len(names)), numel)
     order = torch.sort(flat, descending=True, stable=True).indices  # global ranking
     hid = host_of[order]  # host of the j-th most sensitive entry
