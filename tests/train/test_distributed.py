@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from adapterkit.train.distributed import DistInfo
 from adapterkit.train.metrics import read_metrics
 from adapterkit.train.toy import toy_llama, toy_tokenizer
 
-pytestmark = pytest.mark.slow  # 6 real training jobs (3 of them 2-process): ~25 s on 2 loaded cores
+pytestmark = pytest.mark.slow  # 6 real training jobs (5 of them 2-process): ~45 s on 2 loaded cores
 STEPS, B = 6, 2
 TIMING = {"tokens_per_s", "elapsed_s"}
 BIN = Path(sys.executable).parent
@@ -70,11 +71,16 @@ def accelerate(d: Path, out: Path) -> subprocess.Popen:
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 loaded cores: no oversubscription
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def finish(p: subprocess.Popen) -> str:
-    out, err = p.communicate(timeout=240)
+    try:
+        out, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and its ranks: a hung collective never ends
+        raise
     assert p.returncode == 0, f"{' '.join(p.args[:6])}...\n{out[-2000:]}\n{err[-4000:]}"
     return out
 
@@ -108,6 +114,40 @@ def assert_same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-6, msg=k)
 
 
+# The Python API under torchrun, with FSDP2: the same model, adapter and config as train_args()
+FSDP_SCRIPT = """
+import json, sys
+import torch
+from torch.distributed.tensor import DTensor
+import adapterkit as ak
+from adapterkit.train import TrainConfig, Trainer, seed_everything
+from adapterkit.train.toy import toy_llama, toy_tokenizer
+
+d, out = sys.argv[1], sys.argv[2]
+seed_everything(3)
+model = toy_llama()
+ak.add_adapter(model, "lora", ak.LoRAConfig(r=4, targets=["q_proj", "v_proj", "o_proj"]))
+cfg = TrainConfig(out_dir=out, steps=6, lr=5e-3, batch_size=2, grad_accum=2, warmup_steps=2, save_every=3,
+                  keep_last=5, eval_every=3, log_every=1, seed=3, progress=False, fsdp=True)
+trainer = Trainer(model, d + "/train.jsonl", eval_data=d + "/eval.jsonl", config=cfg, tokenizer=toy_tokenizer(),
+                  adapter_name="lora")
+res = trainer.train()
+frozen = [p for p in model.parameters() if not p.requires_grad]
+print("REPORT " + json.dumps({
+    "rank": trainer.dist.rank, "final_loss": res.final_loss,
+    "frozen_dtensors": sum(isinstance(p, DTensor) for p in frozen), "frozen": len(frozen),
+    "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in frozen),
+    "full": sum(p.numel() for p in frozen),
+    "trainable_dtensors": sum(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)}))
+"""
+
+
+def fsdp_run(d: Path, out: Path) -> subprocess.Popen:
+    (d / "fsdp_train.py").write_text(FSDP_SCRIPT)
+    return _spawn([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                   str(d / "fsdp_train.py"), str(d), str(out)])
+
+
 def copy_run_until_step3(src: Path, dst: Path) -> None:
     """A run dir as if ``src`` had stopped after its step-3 checkpoint."""
     (dst / "checkpoints").mkdir(parents=True)
@@ -126,10 +166,10 @@ def runs(tmp_path_factory) -> dict:
     # resume across world sizes: 2 ranks -> 1 process (batch 2B), 1 process -> 2 ranks
     copy_run_until_step3(d / "two", d / "two_then_one")
     copy_run_until_step3(d / "one", d / "one_then_two")
-    second = [one_process(d, d / "two_then_one", 2 * B, "--resume"),
-              torchrun(d, d / "one_then_two", "--resume", "--no-progress")]
-    for p in second:
-        finish(p)
+    second = {"two_then_one": one_process(d, d / "two_then_one", 2 * B, "--resume"),
+              "one_then_two": torchrun(d, d / "one_then_two", "--resume", "--no-progress"),
+              "fsdp": fsdp_run(d, d / "fsdp")}
+    outs.update({k: finish(p) for k, p in second.items()})
     return {"dir": d, "outs": outs}
 
 
@@ -167,6 +207,19 @@ def test_resume_under_another_world_size_continues_the_run(runs):
     assert_same_adapter(d / "one" / "adapter", d / "two_then_one" / "adapter")
     assert_same_curve(d / "one", d / "one_then_two")
     assert_same_adapter(d / "one" / "adapter", d / "one_then_two" / "adapter")
+
+
+def test_fsdp2_shards_the_frozen_base_and_keeps_the_curve(runs):
+    d = runs["dir"]
+    reports = sorted((json.loads(line[len("REPORT "):]) for line in runs["outs"]["fsdp"].splitlines()
+                      if line.startswith("REPORT ")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["frozen_dtensors"] == r["frozen"] > 0 and r["trainable_dtensors"] == 0
+        assert r["local"] <= r["full"] // 2 + 4096  # each rank holds about half of the base (dim-0 shards)
+    assert sum(r["local"] for r in reports) == reports[0]["full"]
+    assert_same_curve(d / "one", d / "fsdp")
+    assert_same_adapter(d / "one" / "adapter", d / "fsdp" / "adapter")
 
 
 def _tiny_trainer(out: Path, d: Path, batch: int) -> Trainer:

@@ -123,6 +123,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="torch.use_deterministic_algorithms during training (auto: on for CPU)")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun / accelerate launch: shard the frozen base with FSDP2 (adapter replicated)")
     p.set_defaults(fn=run_train)
     return p
 
@@ -175,7 +177,7 @@ def run_train(args: argparse.Namespace) -> int:
         bf16={"auto": "auto", "true": True, "false": False}[args.bf16],
         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
         save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every, seed=args.seed,
-        max_length=args.max_length, progress=args.progress,
+        max_length=args.max_length, progress=args.progress, fsdp=getattr(args, "fsdp", False),
         deterministic={"auto": "auto", "true": True, "false": False}[args.deterministic],
     )
     # before the adapter exists: its init (e.g. LoRA's A) draws from the global RNGs, and an

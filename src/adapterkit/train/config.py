@@ -50,6 +50,8 @@ class TrainConfig:
         log_every: write a metrics record every N steps (and at the last step).
         max_length: truncate examples to this many tokens (None: no limit).
         progress: show a tqdm progress bar.
+        fsdp: under torchrun / accelerate launch, shard the frozen base with FSDP2
+            ``fully_shard`` (the adapter stays replicated; see :mod:`adapterkit.train.distributed`).
     """
 
     out_dir: str | Path = "runs/adapter"
@@ -73,6 +75,7 @@ class TrainConfig:
     log_every: int = 10
     max_length: int | None = 1024
     progress: bool = True
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -105,6 +108,8 @@ class TrainConfig:
             raise bad("weight_decay", "must be >= 0")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0):
             raise bad("max_grad_norm", "must be >= 0 or None")
+        if not isinstance(self.fsdp, bool):
+            raise bad("fsdp", "must be True or False")
         for f in ("bf16", "deterministic"):
             if not (isinstance(getattr(self, f), bool) or getattr(self, f) == "auto"):
                 raise bad(f, 'must be True, False or "auto"')

@@ -179,3 +179,49 @@ def all_reduce_grads(params: list[nn.Parameter], extra: torch.Tensor) -> torch.T
     all_reduce_sum(flat)
     _unflatten_into(flat[:-1], [p.grad for p in live])
     return flat[-1]
+
+
+def shard_frozen_base(model: nn.Module, device: torch.device) -> int:
+    """FSDP2: shard the frozen base over the ranks; the trainable (adapter) parameters stay whole.
+
+    Every block named in the HF model's ``_no_split_modules`` (the decoder layers) and then the
+    root get ``fully_shard``; each rank keeps ``1/K`` of every frozen weight and all-gathers a
+    block's weights just for its forward and backward. The adapter's parameters are passed as
+    ``ignored_params``: they are small, stay ordinary replicated tensors, and are summed by
+    :func:`all_reduce_grads` like in the unsharded mode, so checkpoints, ``save_adapter`` and
+    the "same curve as 1 process" property are unchanged. The model stays sharded afterwards.
+
+    Args:
+        model: the model with its adapter attached, inside an initialised process group.
+        device: its device (``cpu`` works with gloo, ``cuda:LOCAL_RANK`` with nccl).
+    Returns:
+        How many modules were sharded (the root included).
+    Raises:
+        ConfigError: no process group, or a torch without ``fully_shard(ignored_params=...)``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("fsdp=True needs a multi-process launch (torchrun / accelerate launch)")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # pragma: no cover - torch < 2.6
+        raise ConfigError(f"fsdp=True needs torch.distributed.fsdp.fully_shard (FSDP2): {e}") from None
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names and m is not model]
+    for m in blocks:  # inner units first: a root-only shard would gather the whole model at once
+        fully_shard(m, mesh=mesh, ignored_params=trainable)
+    fully_shard(model, mesh=mesh, ignored_params=trainable)
+    return len(blocks) + 1
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights of a ``fully_shard``-ed root after a forward with no backward.
+
+    FSDP2 keeps the root's parameters unsharded from a forward until its backward; after an
+    eval (no backward) they would stay whole, on every rank, until the next step.
+    """
+    fn = getattr(model, "reshard", None)
+    if callable(fn):
+        fn()

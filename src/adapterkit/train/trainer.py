@@ -156,6 +156,13 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.use_bf16 = self._resolve_bf16()
         self.dist = dist.setup(self.device)  # world 1 unless launched by torchrun / accelerate
+        # with a sharded base every forward/backward is a collective, so the ranks must run
+        # the same number of them: a rank without data runs a fully masked one (_idle_batch)
+        self._lockstep = self.config.fsdp and self.dist.enabled
+        if self._lockstep:
+            dist.shard_frozen_base(model, self.device)
+        elif self.config.fsdp:
+            log.warning("fsdp=True has no effect in a single process (launch with torchrun / accelerate launch)")
 
     # -- set-up helpers -------------------------------------------------------------------
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -200,6 +207,11 @@ class Trainer:
         sel = logits[:, :-1][mask]  # (N, V)
         return F.cross_entropy(sel.float(), labels[mask], reduction="sum")
 
+    def _idle_batch(self, ds: SFTDataset) -> dict[str, torch.Tensor]:
+        """One example with every label masked: a forward/backward that adds exactly 0."""
+        b = self._to_device(self.collate([ds[0]]))
+        return {**b, "labels": torch.full_like(b["labels"], IGNORE_INDEX)}
+
     def _loss_terms_value(self) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for term in self.loss_terms:
@@ -222,13 +234,21 @@ class Trainer:
         self.model.eval()
         total, n = 0.0, 0
         try:
-            bs, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
-            for i in range(rank * bs, len(self.eval_ds), world * bs):  # rank r: batches r, r+K, ...
-                batch = self._to_device(self.collate([self.eval_ds[j] for j in range(i, min(i + bs, len(self.eval_ds)))]))
+            bs, world, rank, size = self.config.batch_size, self.dist.world_size, self.dist.rank, len(self.eval_ds)
+            n_batches = math.ceil(size / bs)
+            for k in range(math.ceil(n_batches / world)):  # rank r: batches r, r+K, ...
+                i = (k * world + rank) * bs
+                if i >= size:
+                    if self._lockstep:
+                        self._loss_sum(self._idle_batch(self.eval_ds))
+                    continue
+                batch = self._to_device(self.collate([self.eval_ds[j] for j in range(i, min(i + bs, size))]))
                 total += float(self._loss_sum(batch))
                 n += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         finally:
             self.model.train(was_training)
+            if self._lockstep:
+                dist.reshard(self.model)
         if self.dist.enabled:
             total, n = dist.all_reduce_sum(torch.tensor([total, n], dtype=torch.float64, device=self.device)).tolist()
         return total / max(n, 1)
@@ -323,7 +343,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8)
 
     # -- the loop -------------------------------------------------------------------------
-    def _optimizer_step(self, micro: list[dict[str, torch.Tensor]], opt: torch.optim.Optimizer,
+    def _optimizer_step(self, micro: list[dict[str, torch.Tensor] | None], opt: torch.optim.Optimizer,
                         params: list[nn.Parameter], step: int) -> tuple[float, float, float, int]:
         """Forward/backward over the micro-batches, clip, one AdamW step.
 
@@ -337,6 +357,8 @@ class Trainer:
         n_tok = sum(int(b["attention_mask"].sum()) for b in batches)
         if self.dist.enabled:  # normalise by the supervised tokens of the whole step, all ranks
             n_sup, n_tok = (int(x) for x in dist.all_reduce_sum(torch.tensor([n_sup, n_tok], device=self.device)).tolist())
+        if self._lockstep:
+            batches += [self._idle_batch(self.train_ds) for b in micro if b is None]
         step_loss = torch.zeros((), device=self.device)
         for b in batches:
             loss_sum = self._loss_sum(b)
