@@ -204,9 +204,10 @@ class Scheduler:
             q_lens.append(n)
             ctx_lens.append(b)
             slots += [seq.slot] * n
-            for p in seq.prompt_lp_positions(a, b):
-                lp_rows.append(t + p - a)
-                lp_owner.append((seq, p))
+            if seq.out.params.prompt_logprobs is not None:  # tested here: the plain path makes no call
+                for p in seq.prompt_lp_positions(a, b):
+                    lp_rows.append(t + p - a)
+                    lp_owner.append((seq, p))
             t += n
             if b == len(seq.prompt_ids) + len(seq.out.token_ids):  # chunk reaches the end: sample
                 if seq.out.params.max_tokens == 0:
@@ -248,8 +249,8 @@ class Scheduler:
                 seq.t_first = now
             d_ids, d_text, finish = seq.out.step(tok)
             chunk = GenerationChunk(seq.rid, d_ids, d_text, finish, seq.usage(),  # type: ignore[arg-type]
-                                    logprobs=[chosen[j]] if j in chosen else None,
-                                    prompt_logprobs=seq.take_prompt_lps())
+                                    logprobs=[chosen[j]] if chosen and j in chosen else None,
+                                    prompt_logprobs=None if seq.prompt_lps is None else seq.take_prompt_lps())
             if finish is not None:
                 self._emit(seq, chunk)
                 self.finish(seq, finish, emit=False)
