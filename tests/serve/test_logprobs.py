@@ -177,6 +177,20 @@ def test_stream_logprobs_equal_the_answer(srv: Served) -> None:
     assert lps == whole.logprobs.token_logprobs and offsets == whole.logprobs.text_offset
 
 
+def test_stream_echo_of_a_long_prompt_with_max_tokens_zero(srv: Served) -> None:
+    """A streamed score-only request: one event with the whole prompt and its log-probs (long
+    enough, 100 tokens, that the server formats it in a worker thread), then usage and [DONE]."""
+    prompt = ("abcdefghij" * 10)
+    events = list(srv.client().completions.create(model="alpha", prompt=prompt, logprobs=3, echo=True, max_tokens=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+    assert [e.choices[0].finish_reason for e in events if e.choices] == ["length"]
+    first = events[0].choices[0]
+    assert first.text == prompt and len(first.logprobs.tokens) == 100 and first.logprobs.token_logprobs[0] is None
+    assert events[-1].usage.prompt_tokens == 100 and events[-1].usage.completion_tokens == 0
+    whole = srv.client().completions.create(model="alpha", prompt=prompt, logprobs=3, echo=True, max_tokens=0)
+    assert first.logprobs.token_logprobs == whole.choices[0].logprobs.token_logprobs
+
+
 # ----------------------------------------------------------------------------- chat
 def test_chat_logprobs_equal_the_model_forward(srv: Served) -> None:
     tok = srv.engine.tokenizer
@@ -282,6 +296,26 @@ def test_prompt_logprobs_under_chunked_prefill_and_preemption() -> None:
     finally:
         sched.raw_logprobs = real
         eng.shutdown()
+
+
+def test_prompt_logprobs_of_a_300_token_prompt_in_one_step() -> None:
+    """More prompt rows in one step than the 256-row slices the log-softmax runs in."""
+    from adapterkit.serve.engine import Engine
+    from adapterkit.serve.types import EngineConfig, SamplingParams
+
+    model = tiny_llama()
+    ids = torch.randint(3, 128, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    eng = Engine(model, None, EngineConfig(max_model_len=512), start=False)
+    try:
+        out = eng.generate_sync([ids], params=SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    finally:
+        eng.shutdown()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == 300
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+    assert torch.allclose(got, ref[torch.arange(299), torch.tensor(ids[1:])], atol=TOL)
+    assert [lp.top[0][0] for lp in out.prompt_logprobs[1:]] == ref[:299].argmax(-1).tolist()
 
 
 def test_sampling_params_logprob_checks() -> None:

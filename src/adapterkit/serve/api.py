@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -577,7 +578,8 @@ async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: Sam
             shaper.feed(c)
             if not shaper.pending() and not c.finished:
                 continue
-            text, lps = shaper.take()
+            # formatting an echoed prompt's log-probs decodes every token: off the loop when long
+            text, lps = await anyio.to_thread.run_sync(shaper.take) if len(shaper.entries) > 64 else shaper.take()
             if chat:
                 yield sse_json(chat_chunk(rid, model, {"content": text} if text else {}, c.finish_reason,
                                           logprobs=lps))

@@ -261,8 +261,11 @@ class Scheduler:
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, owners: list[tuple[Sequence, int]]) -> None:
         """Append the log-probs of prompt token p + 1 (from the logits at position p) to each owner."""
-        got = token_logprobs(raw_logprobs(logits), [s.prompt_ids[p + 1] for s, p in owners],
-                             [s.out.params.prompt_logprobs or 0 for s, _ in owners])
+        got: list[TokenLogprob] = []
+        for lo in range(0, len(owners), 256):  # in slices: the fp32 log-softmax copy stays small
+            part = owners[lo:lo + 256]
+            got += token_logprobs(raw_logprobs(logits[lo:lo + 256]), [s.prompt_ids[p + 1] for s, p in part],
+                                  [s.out.params.prompt_logprobs or 0 for s, _ in part])
         for (seq, _), lp in zip(owners, got):
             assert seq.prompt_lps is not None
             seq.prompt_lps.append(lp)
