@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
-from test_server_utils import API_KEY, Served, ServerThread, build_tree  # noqa: E402
+from test_server_utils import API_KEY, Served, serve_tree  # noqa: E402
 
 SEED = 20261202
 EXAMPLES = 30  # per POST operation and mode (GET ones have no inputs: 5): about 280 requests
@@ -34,23 +34,10 @@ MAX_MODEL_LEN = 32  # every generation is short, whatever max_tokens the fuzzer 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from adapterkit.cli import build_parser
-    from adapterkit.serve.cli import build_app
-
-    tmp = tmp_path_factory.mktemp("fuzz")
-    model_dir, root, outside = build_tree(tmp)
-    args = build_parser().parse_args([
-        "serve", "--model", str(model_dir), "--adapter-root", str(root), "--max-loras", "2",
-        "--max-lora-rank", "8", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY,
-        "--unload-timeout", "5", "--max-body-bytes", str(256 * 1024),
-    ])
-    app = build_app(args)
-    engine = app.state.server.engine
-    try:
-        with ServerThread(app) as st:
-            yield Served(f"http://127.0.0.1:{st.port}", engine, root, outside, engine.model_name)
-    finally:
-        engine.shutdown()
+    with serve_tree(tmp_path_factory.mktemp("fuzz"), "--max-loras", "2", "--max-lora-rank", "8",
+                    "--max-model-len", str(MAX_MODEL_LEN), "--unload-timeout", "5",
+                    "--max-body-bytes", str(256 * 1024)) as served:
+        yield served
 
 
 def _is_error_shape(text: str) -> bool:

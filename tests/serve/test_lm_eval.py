@@ -25,7 +25,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # lm-eval[api]: local-completions needs it
 pytest.importorskip("peft")
 
-from test_server_utils import ServerThread, char_tokenizer, save_lora, tiny_llama  # noqa: E402
+from test_server_utils import char_tokenizer, save_lora, serve_cli, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two lm_eval processes: ~30-60 s on 2 CPU cores
 
@@ -41,9 +41,6 @@ DOCS = [  # multiple_choice: lm-eval scores " " + each choice after the question
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path, str]]:
     """(model dir, PEFT adapter dir, task dir, server base URL) with the server running."""
-    from adapterkit.cli import build_parser
-    from adapterkit.serve.cli import build_app
-
     tmp = tmp_path_factory.mktemp("lmeval")
     model_dir, adapter = tmp / "model", tmp / "adapters" / "ada"
     model = tiny_llama()
@@ -64,15 +61,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
         "doc_to_choice: '{{choices}}'\n"
         "doc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n")
-    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--adapter", f"ada={adapter}",
-                                      "--max-model-len", "256"])
-    app = build_app(args)
-    engine = app.state.server.engine
-    try:
-        with ServerThread(app) as st:
-            yield model_dir, adapter, task_dir, f"http://127.0.0.1:{st.port}"
-    finally:
-        engine.shutdown()
+    with serve_cli("--model", str(model_dir), "--adapter", f"ada={adapter}", "--max-model-len", "256") as (_, st):
+        yield model_dir, adapter, task_dir, f"http://127.0.0.1:{st.port}"
 
 
 def run_lm_eval(model: str, model_args: str, task_dir: Path, out: Path) -> dict[tuple[int, int], float]:

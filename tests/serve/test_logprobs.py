@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from test_server_utils import API_KEY, Served, ServerThread, build_tree, char_tokenizer, tiny_llama  # noqa: E402
+from test_server_utils import Served, char_tokenizer, serve_tree, tiny_llama  # noqa: E402
 
 TOL = 1e-4
 PROMPT = "The quick brown fox, 42 times!"
@@ -25,24 +25,9 @@ PROMPT = "The quick brown fox, 42 times!"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from adapterkit.cli import build_parser
-    from adapterkit.serve.cli import build_app
-
-    tmp = tmp_path_factory.mktemp("logprobs")
-    model_dir, root, outside = build_tree(tmp)
-    args = build_parser().parse_args([
-        "serve", "--model", str(model_dir), "--adapter-root", str(root), "--max-loras", "2",
-        "--max-lora-rank", "8", "--max-model-len", "128", "--api-key", API_KEY,
-    ])
-    app = build_app(args)
-    engine = app.state.server.engine
-    try:
-        with ServerThread(app) as st:
-            served = Served(f"http://127.0.0.1:{st.port}", engine, root, outside, engine.model_name)
-            served.model_dir = model_dir  # type: ignore[attr-defined]
-            yield served
-    finally:
-        engine.shutdown()
+    with serve_tree(tmp_path_factory.mktemp("logprobs"), "--max-loras", "2", "--max-lora-rank", "8",
+                    "--max-model-len", "128") as served:
+        yield served
 
 
 _REF_CACHE: dict[str | None, torch.nn.Module] = {}
@@ -54,7 +39,7 @@ def reference(srv: Served, adapter: str | None) -> torch.nn.Module:
         import adapterkit as ak
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(srv.model_dir).eval()  # type: ignore[attr-defined]
+        model = AutoModelForCausalLM.from_pretrained(srv.model_dir).eval()
         if adapter is not None:
             ak.load_adapter(model, srv.root / adapter)
         _REF_CACHE[adapter] = model

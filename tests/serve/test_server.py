@@ -26,9 +26,8 @@ from test_server_utils import (  # noqa: E402
     MAX_LORA_RANK,
     MAX_MODEL_LEN,
     Served,
-    ServerThread,
-    build_tree,
     greedy,
+    serve_tree,
     sse_stream,
     wait_idle,
 )
@@ -36,23 +35,11 @@ from test_server_utils import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from adapterkit.cli import build_parser
-    from adapterkit.serve.cli import build_app
-
     tmp = tmp_path_factory.mktemp("serve")
-    model_dir, root, outside = build_tree(tmp)
-    args = build_parser().parse_args([
-        "serve", "--model", str(model_dir), "--adapter-root", str(root), "--max-loras", "2",
-        "--max-lora-rank", str(MAX_LORA_RANK), "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "32",
-        "--api-key", API_KEY, "--adapter", f"zeta={root / 'extra' / 'epsilon'}", "--unload-timeout", "30",
-    ])
-    app = build_app(args)
-    engine = app.state.server.engine
-    try:
-        with ServerThread(app) as st:
-            yield Served(f"http://127.0.0.1:{st.port}", engine, root, outside, engine.model_name)
-    finally:
-        engine.shutdown()
+    with serve_tree(tmp, "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK), "--max-model-len",
+                    str(MAX_MODEL_LEN), "--max-num-seqs", "32", "--adapter",
+                    f"zeta={tmp / 'adapters' / 'extra' / 'epsilon'}", "--unload-timeout", "30") as served:
+        yield served
 
 
 # ----------------------------------------------------------------------------- happy paths

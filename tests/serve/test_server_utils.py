@@ -7,6 +7,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,7 @@ class Served:
     root: Path
     outside: Path
     base: str
+    model_dir: Path | None = None
 
     def client(self, **kw: Any) -> openai.OpenAI:
         kw.setdefault("api_key", API_KEY)
@@ -118,6 +121,33 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+
+
+@contextmanager
+def serve_cli(*argv: str) -> Iterator[tuple[Any, ServerThread]]:
+    """The app built by the CLI's own parser and ``build_app`` from ``adapterkit serve ARGV``,
+    run on uvicorn; yields (engine, server thread) and shuts the engine down afterwards."""
+    from adapterkit.cli import build_parser
+    from adapterkit.serve.cli import build_app
+
+    app = build_app(build_parser().parse_args(["serve", *argv]))
+    engine = app.state.server.engine
+    try:
+        with ServerThread(app) as st:
+            yield engine, st
+    finally:
+        engine.shutdown()
+
+
+@contextmanager
+def serve_tree(tmp: Path, *argv: str, prepare: Any = None) -> Iterator[Served]:
+    """:func:`build_tree` under ``tmp`` served with ``--model DIR --adapter-root ROOT --api-key``
+    and ``argv``; ``prepare(root)`` may change the tree first."""
+    model_dir, root, outside = build_tree(tmp)
+    if prepare is not None:
+        prepare(root)
+    with serve_cli("--model", str(model_dir), "--adapter-root", str(root), "--api-key", API_KEY, *argv) as (eng, st):
+        yield Served(f"http://127.0.0.1:{st.port}", eng, root, outside, eng.model_name, model_dir)
 
 
 def build_tree(tmp: Path) -> tuple[Path, Path, Path]:
