@@ -4,6 +4,7 @@ popularity (alpha=1), Poisson arrivals, prompt and output lengths uniform in [8,
     .venv/bin/python benchmarks/trace.py                              # 1000 adapters, vs base and PEFT
     .venv/bin/python benchmarks/trace.py --adapters 10,100,1000,10000 # scaling mode
     .venv/bin/python benchmarks/trace.py --small                      # tiny model smoke run
+    .venv/bin/python benchmarks/trace.py --device cuda                # on a GPU (Triton kernels)
 
 Default model: SmolLM2-135M shapes (30 layers, random weights), `--dtype bfloat16` for both the
 engine and the HF baseline (this CPU has AMX bf16 matmul units; `--dtype float32` for fp32). Adapter files: `--files` distinct native adapter dirs on disk; adapter i is
@@ -112,7 +113,7 @@ def run_engine(eng: Engine, trace: list[dict], use_adapters: bool) -> dict:
             "ttft50": q(ttft, 0.5), "ttft99": q(ttft, 0.99), "tpot50": q(tpot, 0.5), "tpot99": q(tpot, 0.99)}
 
 
-def run_peft(model, files: list[Path], trace: list[dict], batch: int) -> dict:
+def run_peft(model, files: list[Path], trace: list[dict], batch: int, device: str = "cpu") -> dict:
     """HF generate + PEFT adapter_names over static batches (arrival order), all queued at t=0."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -129,7 +130,7 @@ def run_peft(model, files: list[Path], trace: list[dict], batch: int) -> dict:
             pm.add_adapter(f"ad{a}", cfg)
         sd = {f"base_model.model.{k}.weight": v for k, v in saved.tensors.items()}
         set_peft_model_state_dict(pm, sd, adapter_name=f"ad{a}")
-    pm.eval()
+    pm.eval().to(device)
     tokens, t0 = 0, time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(trace), batch):
@@ -137,8 +138,8 @@ def run_peft(model, files: list[Path], trace: list[dict], batch: int) -> dict:
             L = max(len(r["prompt"]) for r in rs)
             ids = torch.tensor([[0] * (L - len(r["prompt"])) + r["prompt"] for r in rs])  # left padding
             mask = torch.tensor([[0] * (L - len(r["prompt"])) + [1] * len(r["prompt"]) for r in rs])
-            pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r["out"] for r in rs), do_sample=False,
-                        pad_token_id=0, eos_token_id=None, adapter_names=[f"ad{r['adapter']}" for r in rs])
+            pm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        max_new_tokens=max(r["out"] for r in rs), do_sample=False, pad_token_id=0, eos_token_id=None, adapter_names=[f"ad{r['adapter']}" for r in rs])
             tokens += sum(r["out"] for r in rs)  # only each request's own tokens count
     span = time.perf_counter() - t0
     pm.unload()
@@ -156,7 +157,7 @@ def new_engine(model, args, n_adapters: int, files: list[Path]) -> tuple[Engine,
     eng = Engine(model, config=EngineConfig(max_loras=args.max_loras, max_num_seqs=args.max_num_seqs,
                                             max_lora_rank=32, max_cpu_loras=args.host_cache,
                                             max_num_batched_tokens=512, pool_bytes=args.pool_mib << 20,
-                                            dtype=str(args.dtype).removeprefix("torch.")))
+                                            dtype=str(args.dtype).removeprefix("torch."), device=args.device))
     t = time.perf_counter()
     for i in range(n_adapters):
         eng.register_adapter(f"ad{i}", str(files[i % len(files)]))
@@ -185,6 +186,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--peft-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="engine (and PEFT baseline) device: cpu, cuda, cuda:1, ...")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--no-peft", action="store_true")
     args = ap.parse_args()
@@ -197,7 +199,8 @@ def main() -> None:
     files = make_files(model, args.files, tmp)
     shape = "tiny" if args.small else f"SmolLM2-135M widths, {args.layers} layers, {args.dtype}"
     print(f"trace: {args.requests} requests, Poisson {args.rate}/s, prompt/output U[8,64], ranks {RANKS} on "
-          f"{','.join(TARGETS)}, {shape}, {args.threads} threads, max_loras {args.max_loras}, files {args.files}")
+          f"{','.join(TARGETS)}, {shape}, {args.threads} threads, {args.device}, max_loras {args.max_loras}, "
+          f"files {args.files}")
 
     if len(sizes) == 1:
         n = sizes[0]
@@ -214,7 +217,7 @@ def main() -> None:
         print(f"  cache: hits {st.cache_hits} misses {st.cache_misses} evictions {st.cache_evictions}")
         print(f"  ratio adapters / base-only = {lora['tok_s'] / base['tok_s']:.2f}x (target >= 0.7x)")
         if not args.no_peft:
-            peft = run_peft(model, files, trace, args.peft_batch)
+            peft = run_peft(model, files, trace, args.peft_batch, args.device)
             print(f"  HF generate + PEFT adapter_names, static batches of {args.peft_batch}: {fmt(peft)}")
             print(f"  speed-up vs PEFT = {lora['tok_s'] / peft['tok_s']:.2f}x (target >= 4x)")
         return
