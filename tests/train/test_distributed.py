@@ -18,14 +18,15 @@ import torch
 
 import adapterkit as ak
 from conftest import chat_records, qa_records
-from adapterkit.errors import CheckpointError
+from adapterkit.errors import CheckpointError, ConfigError
 from adapterkit.formats import read_adapter
 from adapterkit.train import TrainConfig, Trainer
-from adapterkit.train.distributed import DistInfo
+from adapterkit.train.cli import _device
+from adapterkit.train.distributed import DistInfo, env_info
 from adapterkit.train.metrics import read_metrics
 from adapterkit.train.toy import toy_llama, toy_tokenizer
 
-pytestmark = pytest.mark.slow  # 6 real training jobs (5 of them 2-process): ~45 s on 2 loaded cores
+# the tests on `runs` are slow: 6 real training jobs (5 of them 2-process), ~45 s on 2 loaded cores
 STEPS, B = 6, 2
 TIMING = {"tokens_per_s", "elapsed_s"}
 BIN = Path(sys.executable).parent
@@ -173,6 +174,7 @@ def runs(tmp_path_factory) -> dict:
     return {"dir": d, "outs": outs}
 
 
+@pytest.mark.slow
 def test_two_ranks_follow_the_one_process_run_with_double_batch(runs):
     d = runs["dir"]
     assert len({r["loss"] for r in records(d / "one") if "loss" in r}) == STEPS  # the loss does move
@@ -180,6 +182,7 @@ def test_two_ranks_follow_the_one_process_run_with_double_batch(runs):
     assert_same_adapter(d / "one" / "adapter", d / "two" / "adapter")
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_same_training(runs):
     d = runs["dir"]
     assert runs["outs"]["acc"].count('"steps"') == 1  # one summary: rank 0's
@@ -187,6 +190,7 @@ def test_accelerate_launch_runs_the_same_training(runs):
     assert_same_adapter(d / "one" / "adapter", d / "acc" / "adapter")
 
 
+@pytest.mark.slow
 def test_only_rank0_writes_logs_and_shows_progress(runs):
     d = runs["dir"]
     out0, err0 = rank_logs(d / "two", 0)
@@ -201,6 +205,7 @@ def test_only_rank0_writes_logs_and_shows_progress(runs):
     assert state["world_size"] == 2 and state["config"]["batch_size"] == B
 
 
+@pytest.mark.slow
 def test_resume_under_another_world_size_continues_the_run(runs):
     d = runs["dir"]
     assert_same_curve(d / "one", d / "two_then_one")
@@ -209,6 +214,7 @@ def test_resume_under_another_world_size_continues_the_run(runs):
     assert_same_adapter(d / "one" / "adapter", d / "one_then_two" / "adapter")
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_the_frozen_base_and_keeps_the_curve(runs):
     d = runs["dir"]
     reports = sorted((json.loads(line[len("REPORT "):]) for line in runs["outs"]["fsdp"].splitlines()
@@ -232,6 +238,7 @@ def _tiny_trainer(out: Path, d: Path, batch: int) -> Trainer:
                    adapter_name="lora")
 
 
+@pytest.mark.slow
 def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
     # 2 ranks x 2 = global 4; 1 process x 2 would silently be another run
     copy_run_until_step3(runs["dir"] / "two", tmp_path / "run")
@@ -239,6 +246,7 @@ def test_resume_with_another_global_batch_is_refused(runs, tmp_path):
         _tiny_trainer(tmp_path / "run", runs["dir"], B).train(resume=True)
 
 
+@pytest.mark.slow
 def test_rank_slices_partition_the_global_batches(runs, tmp_path):
     """In process: the ranks' micro-batches of each global batch are the 1-process batch of 2B, in order."""
     single = _tiny_trainer(tmp_path / "a", runs["dir"], 2 * B)
@@ -255,3 +263,32 @@ def test_rank_slices_partition_the_global_batches(runs, tmp_path):
         assert ids == [row[m.bool()].tolist() for row, m in zip(whole["input_ids"], whole["attention_mask"])]
         empty += parts[1][0] is None
     assert empty == 2  # the 1-example last batch of epochs 0 and 1 leaves rank 1 idle
+
+
+def test_env_info_reads_the_launcher_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = env_info()
+    assert (info.world_size, info.rank, info.local_rank, info.enabled, info.is_main) == (4, 3, 1, True, False)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=4, RANK=4"):
+        env_info()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
+        env_info()
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    assert env_info() == DistInfo() and not DistInfo().enabled
+
+
+def test_fsdp_flag_is_validated():
+    with pytest.raises(ConfigError, match="TrainConfig.fsdp must be True or False"):
+        TrainConfig(fsdp="yes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    assert _device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device cuda, but torch sees no CUDA device"):
+        _device("cuda")
