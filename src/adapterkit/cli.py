@@ -6,6 +6,7 @@
     adapterkit merge --adapter DIR --out MODEL_DIR [--model PATH|default]
     adapterkit convert --to peft|native IN OUT
     adapterkit serve --model PATH|default --adapter NAME=PATH ... (see docs/serving.md)
+    adapterkit eval --model PATH|default --adapter NAME=PATH ... --task NAME|FILE ... (see docs/eval.md)
 """
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
