@@ -164,6 +164,16 @@ def test_errors(tmp_path, make_model, tok, qa):
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="no parameters with requires_grad"):
         Trainer(frozen, qa, config=cfg(tmp_path), tokenizer=tok)
+    # an adapter loaded for inference is frozen (PEFT's habit): the error says how to train it
+    import adapterkit as ak
+
+    donor = make_model(adapter=False)
+    ak.add_adapter(donor, "a", ak.LoRAConfig(r=2))
+    ak.save_adapter(donor, "a", tmp_path / "saved")
+    loaded = make_model(adapter=False)
+    ak.load_adapter(loaded, tmp_path / "saved")
+    with pytest.raises(ConfigError, match=r"load_adapter\(\.\.\., trainable=True\)"):
+        Trainer(loaded, qa, config=cfg(tmp_path), tokenizer=tok)
     with pytest.raises(DataError, match="token id 999 >= the model's vocabulary size"):
         Trainer(make_model(), [{"input_ids": [1, 999, 3]}], config=cfg(tmp_path))
     with pytest.raises(TrainingDivergedError, match="step 1"):

@@ -138,7 +138,8 @@ class Trainer:
         if not self._trainable():
             raise ConfigError(
                 "the model has no parameters with requires_grad=True, so there is nothing to train; "
-                "add an adapter first (adapterkit.add_adapter)"
+                "add an adapter first (adapterkit.add_adapter), or make a loaded one trainable: "
+                "adapterkit.load_adapter(..., trainable=True) (loads are frozen by default)"
             )
         if adapter_name is not None:
             from adapterkit.api import list_adapters  # lazy: the core imports nothing from train/
