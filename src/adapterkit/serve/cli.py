@@ -60,6 +60,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r = s.add_argument_group("scale-out (Ray Serve; needs the ray extra, see docs/serving.md)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: --replicas engines behind one ingress, routed by adapter")
+    r.add_argument("--replicas", type=int, default=2, help="engine replicas under --ray")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica under --ray")
     s.set_defaults(fn=run_serve)
     return s
 
@@ -205,6 +210,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print("error: `adapterkit serve` needs the serve extra: pip install 'adapterkit[serve]'", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "ray", False):
+        try:
+            from adapterkit.serve.ray import run_ray  # imports ray: only here, so the package works without it
+        except ImportError:  # pragma: no cover - depends on the install
+            print("error: `adapterkit serve --ray` needs Ray Serve: pip install 'adapterkit[ray]'", file=sys.stderr)
+            return 2
+        return run_ray(args)
     app = build_app(args)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach the port can use it", args.host)
