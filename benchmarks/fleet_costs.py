@@ -261,7 +261,7 @@ def run_real(args, files: list[Path], trace: list[Request], n: int, n_adapters: 
     ttft = sorted(first[k] - submitted[k] for k in first)
     span = got["last"] - t0
     return {"tok_s": got["tokens"] / span, "disk_loads": disk, "slot_loads": slot, "span": span,
-            "step_ms": 1e3 * busy / max(1, steps),
+            "step_ms": 1e3 * busy / max(1, steps), "tok_per_step": got["tokens"] / max(1, steps),
             "ttft99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
 
 
@@ -331,7 +331,8 @@ def main() -> None:
                   f"throughput {sim.tok_s / real['tok_s']:.2f}, disk loads "
                   f"{sim.disk_loads / max(1, real['disk_loads']):.2f}, slot loads "
                   f"{sim.slot_loads / max(1, real['slot_loads']):.2f} | mean step real {real['step_ms']:.1f} ms, "
-                  f"sim {sim_step:.1f} ms", flush=True)
+                  f"sim {sim_step:.1f} ms | tokens/step real {real['tok_per_step']:.2f}, sim "
+                  f"{sim.tokens / max(1, sum(r.steps for r in sim.replicas)):.2f}", flush=True)
 
 
 if __name__ == "__main__":
