@@ -333,6 +333,16 @@ def main() -> None:
                   f"{sim.slot_loads / max(1, real['slot_loads']):.2f} | mean step real {real['step_ms']:.1f} ms, "
                   f"sim {sim_step:.1f} ms | tokens/step real {real['tok_per_step']:.2f}, sim "
                   f"{sim.tokens / max(1, sum(r.steps for r in sim.replicas)):.2f}", flush=True)
+            # the same model with every time cost scaled by the slowdown the replicas saw in this run
+            # (other jobs on the machine): separates the scheduling / routing model from the numbers
+            k = real["step_ms"] / sim_step
+            slow = cost
+            for name in ("step_base_s", "step_per_token_s", "step_per_row_s", "step_per_adapter_s", "load_disk_s",
+                         "load_host_s"):
+                slow = slow.scaled(name, k)
+            cal = simulate(trace, n, slow, args.policy, preload=range(args.adapters))
+            print(f"    costs x {k:.2f} (this run's slowdown): sim {cal.tok_s:.1f} tok/s = "
+                  f"{cal.tok_s / real['tok_s']:.2f}x real, TTFT p99 {cal.ttft(0.99):.2f} s", flush=True)
 
 
 if __name__ == "__main__":
