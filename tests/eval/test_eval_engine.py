@@ -174,3 +174,18 @@ def test_cli_eval(setup, tmp_path, capsys):
     assert (tmp_path / "o" / "results.png").is_file()
     rc = main(["eval", "--model", str(tmp_path / "m"), "--task", "sentimnt", "--out", str(tmp_path / "o2")])
     assert rc == 2 and "sentiment" in capsys.readouterr().err
+
+
+def test_fewer_slots_and_a_small_window_give_the_same_scores(setup):
+    """One adapter slot for three adapters (they take turns) and 3 requests in flight at a time:
+    the same log-likelihoods as the roomy default."""
+    from adapterkit.serve.types import EngineConfig
+
+    model, tok, paths = setup
+    roomy = ev.evaluate(model, tok, [MC], paths, progress=False)
+    tight = ev.evaluate(model, tok, [MC], paths, progress=False, window=3,
+                        engine_config=EngineConfig(max_loras=1, max_lora_rank=4, max_model_len=256))
+    for name in roomy.logliks:
+        for got, want in zip(tight.logliks[name]["mc"], roomy.logliks[name]["mc"], strict=True):
+            assert got == pytest.approx(want, abs=TOL), name
+    assert tight.batching.max_models_per_step <= 2  # one adapter slot (+ the base rows)

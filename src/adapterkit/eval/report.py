@@ -76,7 +76,9 @@ def plot_scores(res: EvalResults, path: str | Path) -> Path:
         ylabel = res.tasks[t]["metric"]
         if res.tasks[t]["kind"] == "perplexity":
             vals, ylabel = [math.log10(v) for v in vals], "log10 perplexity"
-        ax.bar(range(len(models)), vals, color=["#888888" if res.params[m] == 0 else "#3b75af" for m in models])
+        bars = ax.bar(range(len(models)), vals,
+                      color=["#888888" if res.params[m] == 0 else "#3b75af" for m in models])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(range(len(models)), labels, rotation=60 if len(models) > 8 else 0, fontsize=7)
         ax.set_title(t)
         ax.set_ylabel(ylabel)

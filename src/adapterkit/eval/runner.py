@@ -176,9 +176,10 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
     models = ([BASE] if include_base else []) + list(saved)
     if not models:
         raise ConfigError("adapters: nothing to evaluate (no adapters and include_base=False)")
+    reqs = _requests(specs, models, tokenizer)
     if engine_config is None:
         rank = max([int(a.config.get("r", 8)) for a in saved.values()] or [8])
-        longest = max(len(r.ids) + r.max_tokens for r in _requests(specs, models[:1], tokenizer))
+        longest = max(len(r.ids) + r.max_tokens for r in reqs)
         engine_config = EngineConfig(max_loras=max(1, min(len(saved), 32)), max_lora_rank=rank,
                                      max_model_len=max(256, longest + 1))
     t0 = time.perf_counter()
@@ -197,10 +198,10 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
     try:
         for name, ad in saved.items():
             engine.register_adapter(name, ad)
-        reqs = _requests(specs, models, tokenizer)
         results: list[Any] = [None] * len(reqs)
         cv = threading.Condition()
         inflight = [0]
+        limit_inflight = max(1, min(window, engine_config.max_queue))
         bar = _progress(len(reqs), progress)
 
         def sink_for(i: int):
@@ -220,7 +221,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
 
         for i, r in enumerate(reqs):
             with cv:
-                cv.wait_for(lambda: inflight[0] < window)
+                cv.wait_for(lambda: inflight[0] < limit_inflight)
                 inflight[0] += 1
             if r.max_tokens:
                 params = SamplingParams(max_tokens=r.max_tokens, temperature=0, stop=r.stop)
