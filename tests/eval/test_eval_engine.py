@@ -189,3 +189,12 @@ def test_fewer_slots_and_a_small_window_give_the_same_scores(setup):
         for got, want in zip(tight.logliks[name]["mc"], roomy.logliks[name]["mc"], strict=True):
             assert got == pytest.approx(want, abs=TOL), name
     assert tight.batching.max_models_per_step <= 2  # one adapter slot (+ the base rows)
+
+
+def test_an_adapter_for_another_base_is_refused_by_name(setup, tmp_path):
+    from adapterkit.errors import AdapterError
+
+    model, tok, _ = setup
+    other = save_lora(tiny_llama(hidden=32), tmp_path / "other", r=4, seed=0)
+    with pytest.raises(AdapterError, match=r"adapter .other. \(.*other\):.*this base needs"):
+        ev.evaluate(model, tok, [MC], {"other": other}, progress=False)

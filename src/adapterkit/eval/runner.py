@@ -123,18 +123,20 @@ def _requests(specs: Sequence[TaskSpec], models: Sequence[str], tokenizer: Any) 
     return out
 
 
-def _read_adapters(adapters: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
-    """name -> in-memory adapter (method/config/tensors); paths are read once here."""
+def _read_adapters(adapters: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(name -> what to register: the path as given, or the in-memory adapter;
+    name -> in-memory adapter with method/config/tensors, for its rank and parameter count)."""
     from adapterkit.formats import read_adapter
 
     if not isinstance(adapters, Mapping):
         adapters = {Path(a).name: a for a in adapters}
-    out = {}
+    sources, out = {}, {}
     for name, src in adapters.items():
         if name == BASE:
             raise ConfigError(f"adapters: the name {BASE!r} is reserved for the base model's row")
+        sources[name] = src  # registered by path, so the engine's errors name the file
         out[name] = src if hasattr(src, "tensors") else read_adapter(src)
-    return out
+    return sources, out
 
 
 def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
@@ -160,7 +162,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
         :class:`EvalResults`.
 
     Raises:
-        ConfigError: no models to evaluate, a bad task, an adapter the engine refuses.
+        ConfigError: no models to evaluate, a bad task (DataError: a bad task file).
+        AdapterError: an adapter the engine refuses (IncompatibleBaseError: made for another
+            base model; AdapterFileError: unreadable or NaN/Inf weights).
         RuntimeError: a request failed inside the engine.
     """
     from adapterkit.serve.engine import Engine
@@ -172,7 +176,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"tasks: names must be distinct, got {names}")
-    saved = _read_adapters(adapters)
+    sources, saved = _read_adapters(adapters)
     models = ([BASE] if include_base else []) + list(saved)
     if not models:
         raise ConfigError("adapters: nothing to evaluate (no adapters and include_base=False)")
@@ -195,14 +199,15 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
         return forward(step, pool, lora)
 
     engine.runner.forward = counted  # an observer on this engine only; the math is unchanged
+    bar = None
     try:
-        for name, ad in saved.items():
-            engine.register_adapter(name, ad)
+        for name, src in sources.items():
+            engine.register_adapter(name, str(src) if isinstance(src, Path) else src)
         results: list[Any] = [None] * len(reqs)
+        bar = _progress(len(reqs), progress)
         cv = threading.Condition()
         inflight = [0]
         limit_inflight = max(1, min(window, engine_config.max_queue))
-        bar = _progress(len(reqs), progress)
 
         def sink_for(i: int):
             parts: list[Any] = []
@@ -231,10 +236,10 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str | Path | TaskSpec],
                                             params=params), sink_for(i))
         with cv:
             cv.wait_for(lambda: inflight[0] == 0)
-        if bar is not None:
-            bar.close()
         seconds = time.perf_counter() - t0
     finally:
+        if bar is not None:
+            bar.close()
         engine.shutdown()
     scores, preds, logliks = _score(specs, models, reqs, results)
     params = {BASE: 0, **{n: sum(t.numel() for t in a.tensors.values()) for n, a in saved.items()}}
