@@ -52,6 +52,17 @@ def make_adapter(model, r: int, seed: int) -> SimpleNamespace:
     return SimpleNamespace(method="lora", config={"r": r, "alpha": 2.0 * r}, tensors=t)
 
 
+def adapter_files(model, n: int, root: Path, ranks: tuple[int, ...] = (8, 16, 32)) -> list[Path]:
+    """``n`` native LoRA adapter directories ``root/f<i>`` of ranks cycling through ``ranks``."""
+    from adapterkit.formats import write_native
+
+    out = []
+    for i in range(n):
+        ad = make_adapter(model, ranks[i % len(ranks)], seed=i)
+        out.append(write_native(root / f"f{i}", "lora", ad.config, ad.tensors, {"architecture": "LlamaForCausalLM"}))
+    return out
+
+
 def prefill(eng: Engine, prompts: list[list[int]], adapters: list[str | None], steps: int) -> None:
     """Submit the sequences and run steps until every one is decoding (1 pending token)."""
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)

@@ -44,10 +44,9 @@ sys.path.insert(0, str(HERE))
 
 from _common import smol_llama  # noqa: E402
 from _fleet import Request, Router, power_law_trace, simulate  # noqa: E402
-from decode_step import make_adapter  # noqa: E402
+from decode_step import adapter_files  # noqa: E402
 from fleet_sim import load_costs  # noqa: E402
 
-from adapterkit.formats import write_native  # noqa: E402
 from adapterkit.serve.engine import Engine  # noqa: E402
 from adapterkit.serve.types import EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -60,13 +59,6 @@ def build(layers: int, dtype: str):
     m.generation_config.eos_token_id = None
     return m
 
-
-def make_files(model, n: int, root: Path) -> list[Path]:
-    out = []
-    for i in range(n):
-        ad = make_adapter(model, RANKS[i % 3], seed=i)
-        out.append(write_native(root / f"f{i}", "lora", ad.config, ad.tensors, {"architecture": "LlamaForCausalLM"}))
-    return out
 
 
 def engine_config(args, slots: int | None = None, host: int | None = None) -> EngineConfig:
@@ -286,7 +278,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = build(args.layers, args.dtype)
-    files = make_files(model, args.files, Path(tempfile.mkdtemp(prefix="adapterkit-fleet-")))
+    files = adapter_files(model, args.files, Path(tempfile.mkdtemp(prefix="adapterkit-fleet-")), RANKS)
     if not args.validate:
         if args.procs == 1:
             d = measure(args, model, files)

@@ -30,9 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from decode_step import TARGETS, make_adapter  # noqa: E402
+from decode_step import TARGETS, adapter_files  # noqa: E402
 
-from adapterkit.formats import write_native  # noqa: E402
 from adapterkit.serve.engine import Engine  # noqa: E402
 from adapterkit.serve.types import EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -53,13 +52,6 @@ def build_model(layers: int, small: bool, dtype: torch.dtype = torch.float32):
     m.generation_config.eos_token_id = None
     return m
 
-
-def make_files(model, n: int, root: Path) -> list[Path]:
-    out = []
-    for i in range(n):
-        ad = make_adapter(model, RANKS[i % 3], seed=i)
-        out.append(write_native(root / f"f{i}", "lora", ad.config, ad.tensors, {"architecture": "LlamaForCausalLM"}))
-    return out
 
 
 def make_trace(n_req: int, n_adapters: int, rate: float, vocab: int, seed: int) -> list[dict]:
@@ -196,7 +188,7 @@ def main() -> None:
     model = build_model(args.layers, args.small, args.dtype)
     V = model.config.vocab_size
     tmp = Path(tempfile.mkdtemp(prefix="adapterkit-trace-"))
-    files = make_files(model, args.files, tmp)
+    files = adapter_files(model, args.files, tmp, RANKS)
     shape = "tiny" if args.small else f"SmolLM2-135M widths, {args.layers} layers, {args.dtype}"
     print(f"trace: {args.requests} requests, Poisson {args.rate}/s, prompt/output U[8,64], ranks {RANKS} on "
           f"{','.join(TARGETS)}, {shape}, {args.threads} threads, {args.device}, max_loras {args.max_loras}, "
