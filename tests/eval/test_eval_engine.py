@@ -129,7 +129,7 @@ def test_task_files_and_bad_input(tmp_path):
     (tmp_path / "g.jsonl").write_text('{"prompt": "1+1", "completion": "2"}\n\n')
     spec = ev.load_task(tmp_path / "t.json")
     assert (spec.kind, spec.metric, spec.max_tokens, spec.prompt(spec.examples[0])) == ("generate", "numeric", 5, "Q: 1+1")
-    assert ev.load_task("arithmetic", n=5).metric == "numeric"
+    assert (ev.load_task("arithmetic", n=5).metric, ev.load_task("arithmetic", n=5).stop) == ("numeric", ())
     assert ev.load_task("commonsense_mc", n=5).kind == "multiple_choice"
     with pytest.raises(ConfigError, match="arithmetic"):
         ev.load_task("arithmetc")

@@ -28,7 +28,7 @@ KINDS = ("generate", "multiple_choice", "perplexity")
 METRICS = {"generate": ("exact_match", "numeric"), "multiple_choice": ("acc",), "perplexity": ("perplexity",)}
 # the built-in tasks' scoring: numeric answers for the word problems, choices for the MC one
 _BUILTIN = {
-    "arithmetic": {"metric": "numeric", "max_tokens": 96},
+    "arithmetic": {"metric": "numeric", "max_tokens": 96, "stop": ()},  # multi-line reasoning allowed
     "commonsense_mc": {"kind": "multiple_choice", "metric": "acc"},
 }
 
