@@ -73,7 +73,11 @@ def rs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServed]:
         "serve", "--model", str(model_dir), "--adapter-root", str(root), "--api-key", API_KEY, "--max-loras", "2",
         "--max-lora-rank", str(MAX_LORA_RANK), "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16"])
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Replicas push the adapters they hold to the routers every 0.1 s; a router that has not heard
+    # yet waits this long for a matching replica before it falls back to any (Ray's default 1 s
+    # is too short on a loaded 2-core CI machine for the affinity test to be deterministic).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "10"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_ray_app(args, replicas=2, replica_cpus=0.5, app_name=APP), name=APP, route_prefix="/")
@@ -141,6 +145,7 @@ def test_affinity_second_request_hits_the_loading_replica(rs: RayServed) -> None
     assert first == greedy(rs.engine, "abc", "delta", 6)
     holders = [r["replica"] for r in rs.replicas() if "aff" in r["resident"]]
     assert len(holders) == 1 and rs.cold_loads() == before + 1
+    time.sleep(1.0)  # ten of the replicas' 0.1 s pushes of what they hold
     for _ in range(4):  # each one would cost a cold load on the other replica
         assert c.completions.create(model="aff", prompt="abc", max_tokens=6, temperature=0).choices[0].text == first
     assert rs.cold_loads() == before + 1
