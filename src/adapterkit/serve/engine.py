@@ -35,7 +35,7 @@ from adapterkit.errors import AdapterNotFoundError, ConfigError, QueueFullError,
 from adapterkit.serve.adapters import AdapterStore, HostAdapter, LoraSlots, SlotCache
 from adapterkit.serve.kv import PagedKVCache
 from adapterkit.serve.pool import UnifiedPool
-from adapterkit.serve.runner import ModelRunner
+from adapterkit.serve.runner import make_runner
 from adapterkit.serve.sampling import OutputState
 from adapterkit.serve.scheduler import Scheduler, Sequence
 from adapterkit.serve.types import (
@@ -79,7 +79,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         dtype = _DTYPES[cfg.dtype]
-        self.runner = ModelRunner(model, dtype=dtype, device=cfg.device)
+        self.runner = make_runner(model, dtype=dtype, device=cfg.device)
         r = self.runner
         num_pages = cfg.num_pages or UnifiedPool.pages_for_bytes(r.num_layers, r.num_kv_heads, r.head_dim,
                                                                  cfg.block_size, dtype, cfg.pool_bytes)

@@ -255,6 +255,16 @@ class ModelRunner:
             add_lora(y, x, w[0], w[1], None, plan)  # B is pre-scaled (LoraSlots)
 
 
+def make_runner(model: nn.Module, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> ModelRunner:
+    """The runner the engine uses for `model` (one place decides, so new runners plug in here).
+
+    Raises:
+        UnsupportedModuleError: no runner can serve this model.
+    """
+    return ModelRunner(model, dtype=dtype, device=device)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
