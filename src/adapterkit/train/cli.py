@@ -4,6 +4,9 @@
         [--model default|tiny|PATH] [--set r=8 --set alpha=16 --set targets=q_proj,v_proj] \\
         [--steps N | --epochs E] [--lr 2e-4] [--batch-size 8] [--grad-accum 1] [--resume]
 
+``--method full`` fine-tunes every base weight instead (the reference row of quality tables;
+no ``--set``/``--name``) and saves the whole model to ``OUT/model`` (see :mod:`adapterkit.train.full`).
+
 ``--set key=value`` sets a field of the method's config; values are parsed as int, float,
 bool (true/false), none, or a comma-separated list; a single plain name for a list field
 (``--set targets=q_proj``) becomes a one-element list. Unknown keys are refused with the
@@ -91,7 +94,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train`` on an argparse subparsers object (``fn`` default: :func:`run_train`)."""
     p = subparsers.add_parser("train", help="train an adapter on a JSONL file",
                               description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, help="adapter method (see adapterkit.list_methods())")
+    p.add_argument("--method", required=True,
+                   help="adapter method (see adapterkit.list_methods()), or 'full' to fine-tune every base weight")
     p.add_argument("--data", required=True, help='training JSONL: {"prompt","completion"} or {"messages": [...]} per line')
     p.add_argument("--eval-data", help="evaluation JSONL (same formats)")
     p.add_argument("--out", required=True, help="run dir: checkpoints/, metrics.jsonl, loss.png, adapter/")
@@ -168,8 +172,12 @@ def run_train(args: argparse.Namespace) -> int:
     from adapterkit.train.repro import seed_everything
     from adapterkit.train.trainer import Trainer
 
-    fields = parse_sets(args.method, args.sets)  # before the (slow) model load: fail fast
-    adapter_cfg = ak.make_config(args.method, **fields)
+    full = args.method == "full"
+    if full:
+        _check_full_args(args)  # before the (slow) model load: fail fast
+    else:
+        fields = parse_sets(args.method, args.sets)  # before the (slow) model load: fail fast
+        adapter_cfg = ak.make_config(args.method, **fields)
     cfg = TrainConfig(
         out_dir=Path(args.out), lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
@@ -184,6 +192,8 @@ def run_train(args: argparse.Namespace) -> int:
     # unseeded init made two same-seed runs differ from the first step on
     seed_everything(args.seed)
     model, tokenizer = _load(args.model, _device(getattr(args, "device", "cpu")))
+    if full:
+        return _run_full(args, model, tokenizer, cfg)
     name = args.name or args.method
     ak.add_adapter(model, name, adapter_cfg)
     trainer = Trainer(model, args.data, eval_data=args.eval_data, config=cfg, tokenizer=tokenizer, adapter_name=name)
@@ -203,4 +213,36 @@ def run_train(args: argparse.Namespace) -> int:
         "elapsed_s": round(res.elapsed_s, 2),
     }
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _check_full_args(args: argparse.Namespace) -> None:
+    """``--method full`` has no adapter: refuse the flags that only make sense with one.
+
+    Raises:
+        ConfigError: ``--set``, ``--name`` or ``--fsdp`` given with ``--method full``.
+    """
+    if args.sets:
+        raise ConfigError(f"--method full trains every base weight and has no adapter config; drop --set {args.sets[0]!r}")
+    if args.name:
+        raise ConfigError(f"--method full saves a whole model to OUT/model, not a named adapter; drop --name {args.name!r}")
+    if getattr(args, "fsdp", False):
+        raise ConfigError("--fsdp shards the frozen base of an adapter run; --method full has no frozen base")
+
+
+def _run_full(args: argparse.Namespace, model: Any, tokenizer: Any, cfg: Any) -> int:
+    from adapterkit.train.full import train_full
+
+    n = sum(p.numel() for p in model.parameters())
+    print(f"full fine-tuning ({n:,} params) on {args.data}", file=sys.stderr)
+    res = train_full(model, args.data, eval_data=args.eval_data, config=cfg, tokenizer=tokenizer, resume=args.resume)
+    t = res.train
+    summary = {
+        "model": str(res.model_dir) if res.model_dir else None, "trainable": res.trainable, "steps": t.steps,
+        "final_loss": t.final_loss, "eval_loss": t.eval_loss, "metrics": str(t.metrics_path), "plot": str(t.plot_path),
+        "last_checkpoint": str(t.last_checkpoint) if t.last_checkpoint else None,
+        "resumed_from": str(t.resumed_from) if t.resumed_from else None, "elapsed_s": round(t.elapsed_s, 2),
+    }
+    if res.model_dir is not None:
+        print(json.dumps(summary, indent=1))
     return 0
