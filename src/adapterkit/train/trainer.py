@@ -536,6 +536,78 @@ class Trainer:
             last_checkpoint=last_ckpt, resumed_from=resumed_from,
         )
 
+    # -- the same steps in pieces, for a caller that runs them in slices ------------------
+    # (adapterkit.serve.coserve trains inside the serving engine's loop, one micro-batch per
+    # engine step; these reuse the loop's own data order, loss, optimizer and checks)
+    def batch_stream(self, epoch: int = 0, pos: int = 0) -> Iterator[tuple[dict[str, torch.Tensor] | None, int, int]]:
+        """The training batches from data position ``(epoch, pos)`` on, as :meth:`train` draws them.
+
+        Returns:
+            An endless iterator of ``(collated batch, epoch, position after it)``.
+        """
+        return self._batches(epoch, pos)
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token cross-entropy of one (collated) micro-batch, on the model's device.
+
+        Args:
+            batch: ``{"input_ids", "attention_mask", "labels"}`` as :class:`PadCollator` makes.
+        Returns:
+            A float32 scalar with a graph to the trainable parameters.
+        """
+        return self._loss_sum(self._to_device(batch))
+
+    def make_optimizer(self, total: int) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW and the lr schedule of a ``total``-step run, as :meth:`train` builds them.
+
+        Returns:
+            ``(optimizer, LambdaLR scheduler)``.
+        """
+        opt = self._make_optimizer()
+        warmup = self.config.resolved_warmup(total)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, make_lr_lambda(total, warmup, self.config.schedule))
+
+    def restore(self, c: ckpt.Checkpoint, opt: torch.optim.Optimizer, sched: Any) -> None:
+        """Load a checkpoint's trainable tensors, optimizer, schedule and RNG states.
+
+        Raises:
+            CheckpointError: the checkpoint was written with another config, data or adapter.
+        """
+        self._restore(c, opt, sched, self._data_fingerprint())
+
+    def data_fingerprint(self) -> str:
+        """Hash of the tokenized training data (stored in checkpoints, checked on resume)."""
+        return self._data_fingerprint()
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter that trains."""
+        return self._trainable()
+
+    def apply_gradients(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], loss_sum: float, n_sup: int,
+                        step: int) -> tuple[float, float]:
+        """Finish an optimizer step whose gradients were accumulated as ``sum(loss_sum_i / n_sup)``:
+        clip, check, AdamW step, zero the gradients (the tail of one step of :meth:`train`).
+
+        Args:
+            loss_sum: summed token loss over the whole step's micro-batches.
+            n_sup: supervised tokens of the whole step.
+            step: the 1-based step number, for the error message.
+        Returns:
+            ``(mean token loss, pre-clip grad norm)``.
+        Raises:
+            TrainingDivergedError: NaN/Inf loss or gradient (the params are left untouched,
+                the gradients are zeroed).
+        """
+        loss = loss_sum / max(n_sup, 1)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(f"step {step}: loss {loss}, grad norm {grad_norm}; lower the lr or check the data")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
 
 def _seed_rank_step(seed: int, step: int, rank: int) -> None:
     """Seed the global torch RNG (dropout's) from ``(seed, step, rank)`` before a step.
