@@ -79,6 +79,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         dtype = _DTYPES[cfg.dtype]
+        self.hf_model = model  # the served base (co-serving trains its adapters in place)
         self.runner = make_runner(model, dtype=dtype, device=cfg.device)
         r = self.runner
         num_pages = cfg.num_pages or UnifiedPool.pages_for_bytes(r.num_layers, r.num_kv_heads, r.head_dim,
@@ -104,6 +105,11 @@ class Engine:
         self.finished = self.aborted = self.generated = 0
         self._thread: threading.Thread | None = None
         self._jobs: deque[tuple[Any, tuple, Future]] = deque()  # work for the engine thread (registration)
+        self.fine_tuning = None  # CoServe when cfg.fine_tuning (fine-tuning jobs run in this loop)
+        if cfg.fine_tuning:
+            from adapterkit.serve.coserve import CoServe  # lazy: pulls in the trainer
+
+            self.fine_tuning = CoServe(self)
         if start:
             self.start()
 
@@ -136,36 +142,49 @@ class Engine:
                 fut.set_exception(e)
 
     def _loop(self) -> None:
+        ft = self.fine_tuning
         while True:
             self._run_jobs()  # outside the lock: adapter file I/O must not block submit/abort
             with self._cv:
-                while not self._stop and not self.scheduler.has_work() and not self._jobs:
+                while (not self._stop and not self.scheduler.has_work() and not self._jobs
+                       and not (ft is not None and ft.has_work())):
                     self._cv.wait()
                 if self._stop:
                     for _, _, fut in self._jobs:
                         fut.set_exception(RuntimeError("the engine is shut down"))
                     self._jobs.clear()
                     return
-                if not self.scheduler.has_work():
-                    continue
-                try:
-                    n = self.scheduler.step()
-                except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
-                    for seq in list(self.scheduler.running):
-                        self.scheduler.finish(seq, "error", error=f"{type(e).__name__}: {e}")
-                    n = 0
-                self.generated += n
-                self._steps.append((time.perf_counter(), n))
-                self._cv.notify_all()
+                busy = self.scheduler.has_work()
+                t0 = time.perf_counter()
+                if busy:
+                    try:
+                        n = self.scheduler.step()
+                    except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+                        for seq in list(self.scheduler.running):
+                            self.scheduler.finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                        n = 0
+                    self.generated += n
+                    self._steps.append((time.perf_counter(), n))
+                    self._cv.notify_all()
+                step_s = time.perf_counter() - t0
+            if ft is not None:
+                # a fine-tuning slice after the step's inference batch, outside the lock so
+                # submit/abort are not held up; it never raises (a failure fails the job)
+                ft.work(busy, step_s)
             time.sleep(0)  # let submit/abort threads take the lock between steps
 
     def step(self) -> int:
-        """Run one scheduler step on the caller's thread (engines built with start=False)."""
+        """Run one scheduler step on the caller's thread (engines built with start=False), then
+        a fine-tuning slice when a job has work."""
         with self._cv:
-            n = self.scheduler.step()
+            busy = self.scheduler.has_work()
+            t0 = time.perf_counter()
+            n = self.scheduler.step() if busy else 0
             self.generated += n
             self._cv.notify_all()
-            return n
+        if self.fine_tuning is not None:
+            self.fine_tuning.work(busy, time.perf_counter() - t0)
+        return n
 
     def shutdown(self) -> None:
         with self._cv:
@@ -175,6 +194,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        if self.fine_tuning is not None:
+            self.fine_tuning.close()  # the job resumes from its last checkpoint on a new engine
 
     def _record(self, seq: Sequence) -> None:
         if seq.finish_reason == "abort":

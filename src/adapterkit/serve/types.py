@@ -63,6 +63,16 @@ class EngineConfig:
     device: str = "cpu"
     prefetch: bool = True  # load adapters of queued requests into free slots ahead of time
     seed: int = 0  # seed for requests without their own seed
+    # Co-serving (adapterkit.serve.coserve): fine-tuning jobs trained inside the engine loop.
+    fine_tuning: bool = False  # accept jobs (engine.fine_tuning is a CoServe)
+    fine_tuning_dir: str | None = None  # (or a Path) job dirs (checkpoints, final adapters); required with fine_tuning
+    max_fine_tuning_jobs: int = 1  # jobs queued + running at once; more raise QueueFullError
+    # Inference first: while requests are running, one training slice (a micro-batch, after the
+    # step's inference batch) holds at most ft_token_share * max_num_batched_tokens padded
+    # tokens (at least one example), and training takes at most ft_time_share of the engine's
+    # time. With no request in the engine, training runs back to back with the whole budget.
+    ft_token_share: float = 0.25
+    ft_time_share: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queue", "max_loras",
@@ -75,6 +85,16 @@ class EngineConfig:
                "max_cpu_loras", f"must be None or an int >= 1, got {self.max_cpu_loras!r}")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
                f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _check(isinstance(self.fine_tuning, bool), "fine_tuning", f"must be true or false, got {self.fine_tuning!r}")
+        _check(not self.fine_tuning or (self.fine_tuning_dir is not None and str(self.fine_tuning_dir) != ""),
+               "fine_tuning_dir", f"must name a directory when fine_tuning is on, got {self.fine_tuning_dir!r}")
+        _check(isinstance(self.max_fine_tuning_jobs, int) and not isinstance(self.max_fine_tuning_jobs, bool)
+               and self.max_fine_tuning_jobs >= 1, "max_fine_tuning_jobs",
+               f"must be an int >= 1, got {self.max_fine_tuning_jobs!r}")
+        for name in ("ft_token_share", "ft_time_share"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, name,
+                   f"must be a number in (0, 1], got {v!r}")
 
 
 @dataclass(frozen=True)
