@@ -29,6 +29,7 @@ from adapterkit.errors import ConfigError
 
 log = logging.getLogger("adapterkit.serve")
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # = server.DEFAULT_MAX_BODY_BYTES (not imported: no FastAPI here)
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20  # = ft_api.DEFAULT_MAX_FILE_BYTES
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,6 +61,22 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    f = s.add_argument_group("fine-tuning (OpenAI's fine-tuning API, trained inside the engine; docs/fine-tuning.md)")
+    f.add_argument("--enable-fine-tuning", action="store_true",
+                   help="accept fine-tuning jobs (/v1/files, /v1/fine_tuning/jobs) on the served base model")
+    f.add_argument("--state-dir", default=None,
+                   help="uploaded files, jobs, checkpoints and trained adapters (default: "
+                        "<first --adapter-root>/.adapterkit-state, else ./adapterkit-state)")
+    f.add_argument("--max-fine-tuning-jobs", type=int, default=1,
+                   help="jobs queued or running at once; more get 429 (default %(default)s)")
+    f.add_argument("--max-file-bytes", type=int, default=DEFAULT_MAX_FILE_BYTES,
+                   help="largest training file upload; larger ones get 413 (default %(default)s = 64 MiB)")
+    f.add_argument("--ft-token-share", type=float, default=0.25,
+                   help="while requests run, a training slice holds at most this share of a step's token "
+                        "budget (--max-num-batched-tokens); inference keeps the rest (default %(default)s)")
+    f.add_argument("--ft-time-share", type=float, default=0.2,
+                   help="while requests run, training takes at most this share of the engine's time "
+                        "(default %(default)s)")
     r = s.add_argument_group("scale-out (Ray Serve; needs the ray extra, see docs/serving.md)")
     r.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve: --replicas engines behind one ingress, routed by adapter")
@@ -126,9 +143,22 @@ def engine_config(args: argparse.Namespace) -> Any:
     """The `EngineConfig` for parsed ``serve`` arguments (ConfigError names a bad field)."""
     from adapterkit.serve.types import EngineConfig
 
+    ft: dict[str, Any] = {}
+    if getattr(args, "enable_fine_tuning", False):
+        ft = {"fine_tuning": True, "fine_tuning_dir": str(state_dir(args) / "training"),
+              "max_fine_tuning_jobs": args.max_fine_tuning_jobs, "ft_token_share": args.ft_token_share,
+              "ft_time_share": args.ft_time_share}
     return EngineConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_queue=args.max_queue,
                         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device)
+                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device, **ft)
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """The fine-tuning state directory: --state-dir, else under the first adapter root (hidden,
+    so root discovery skips it), else ./adapterkit-state."""
+    if args.state_dir:
+        return Path(args.state_dir)
+    return Path(args.adapter_root[0]) / ".adapterkit-state" if args.adapter_root else Path("adapterkit-state")
 
 
 def base_model_name(args: argparse.Namespace) -> str:
@@ -145,8 +175,14 @@ def base_model_name(args: argparse.Namespace) -> str:
 
 def build_app(args: argparse.Namespace, engine: Any | None = None) -> Any:
     """Load the model (unless `engine` is given), register the start-up adapters, build the app."""
+    from adapterkit.serve.ft_api import FineTuning
+    from adapterkit.serve.ft_store import FTStore
     from adapterkit.serve.server import create_app
 
+    if args.max_file_bytes < 1 or args.max_fine_tuning_jobs < 1:
+        raise ConfigError("--max-file-bytes and --max-fine-tuning-jobs: must be >= 1, got "
+                          f"{args.max_file_bytes} and {args.max_fine_tuning_jobs}")
+    store = FTStore(state_dir(args)) if args.enable_fine_tuning else None
     explicit = parse_adapter_specs(args.adapter)
     discovered = discover_adapters(args.adapter_root)
     clash = sorted(set(explicit) & set(discovered))
@@ -167,10 +203,11 @@ def build_app(args: argparse.Namespace, engine: Any | None = None) -> Any:
         for name, path in explicit.items():  # the operator named these: a failure stops the start
             info = engine.register_adapter(name, str(path))
             log.info("registered adapter %r (rank %d) from %s", name, info.rank, path)
+        ft = FineTuning(store, engine, base_model_name(args), args.max_file_bytes)
         return create_app(engine, adapter_roots=args.adapter_root, api_key=args.api_key,
                           served_model_name=base_model_name(args), unload_timeout=args.unload_timeout,
                           shutdown_engine=owns_engine, max_body_bytes=args.max_body_bytes,
-                          startup_failures=failures)
+                          startup_failures=failures, fine_tuning=ft)
     except BaseException:
         if owns_engine:
             engine.shutdown()
@@ -211,6 +248,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "ray", False):
+        if args.enable_fine_tuning:
+            print("error: --enable-fine-tuning is not supported with --ray (jobs train inside one engine)",
+                  file=sys.stderr)
+            return 2
         try:
             from adapterkit.serve.ray import run_ray  # imports ray: only here, so the package works without it
         except ImportError:  # pragma: no cover - depends on the install

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapterkit.errors import AdapterNotFoundError, ConfigError, did_you_mean
 from adapterkit.serve import api
 from adapterkit.serve.api import APIError, engine_error, resolve_adapter_path, validation_error
+from adapterkit.serve.ft_api import FineTuning, make_router
 from adapterkit.serve.logprobs import LogprobFormatter
 from adapterkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 from adapterkit.serve.types import EngineProtocol, GenerationChunk, GenerationRequest, SamplingParams
@@ -69,16 +70,18 @@ class _BodyLimit:
     buffer it whole anyway; later ``receive`` calls (disconnect watching) go to the client.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, per_path: Mapping[str, tuple[int, str]] | None = None) -> None:
+        # per_path: path -> (limit, the flag that sets it), e.g. uploads under --max-file-bytes
+        self.app, self.limit, self.per_path = app, limit, dict(per_path or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, flag = self.per_path.get(scope["path"], (self.limit, "--max-body-bytes"))
         for k, v in scope.get("headers", []):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                await self._refuse(scope, receive, send)
+            if k == b"content-length" and v.isdigit() and int(v) > limit:
+                await self._refuse(scope, receive, send, limit, flag)
                 return
         parts: list[bytes] = []
         total = 0
@@ -88,8 +91,8 @@ class _BodyLimit:
                 return  # the client left before sending its body: nobody to answer
             body = message.get("body", b"")
             total += len(body)
-            if total > self.limit:
-                await self._refuse(scope, receive, send)
+            if total > limit:
+                await self._refuse(scope, receive, send, limit, flag)
                 return
             parts.append(body)
             if not message.get("more_body", False):
@@ -105,9 +108,9 @@ class _BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes "
-                       "(--max-body-bytes).", code="request_too_large")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int, flag: str) -> None:
+        err = APIError(413, f"The request body is larger than this server's limit of {limit} bytes "
+                       f"({flag}).", code="request_too_large")
         # the unread rest of the body cannot be skipped cheaply: close the connection after this
         await ErrorJSON(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
@@ -407,7 +410,8 @@ def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathL
                api_key: str | None = None, served_model_name: str | None = None,
                unload_timeout: float | None = 600.0, shutdown_engine: bool = False,
                max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
-               startup_failures: Mapping[str, tuple[str, str]] | None = None) -> FastAPI:
+               startup_failures: Mapping[str, tuple[str, str]] | None = None,
+               fine_tuning: FineTuning | None = None) -> FastAPI:
     """Build the FastAPI app around a running engine.
 
     Args:
@@ -420,6 +424,9 @@ def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathL
         max_body_bytes: larger request bodies get 413 (None: no limit).
         startup_failures: adapters that failed to register before the app was built, as
             name -> (path, reason); listed by ``/v1/adapters`` and named in 404s.
+        fine_tuning: the fine-tuning API's state (`adapterkit.serve.ft_api`); None: its routes
+            answer 400 saying to start with ``--enable-fine-tuning``. Started (jobs left running
+            by a previous server resumed) when the app starts, closed when it stops.
 
     Raises:
         ConfigError: `max_body_bytes` is not None and not a positive int.
@@ -428,19 +435,26 @@ def create_app(engine: EngineProtocol, *, adapter_roots: Sequence[str | os.PathL
                                        or max_body_bytes < 1):
         raise ConfigError(f"max_body_bytes: must be None or an int >= 1, got {max_body_bytes!r}")
     srv = Server(engine, adapter_roots, api_key, served_model_name, unload_timeout, startup_failures)
+    ft = fine_tuning or FineTuning(None, engine, srv.model_name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+        await anyio.to_thread.run_sync(ft.start)
+        try:
+            yield
+        finally:
+            ft.close()
         if shutdown_engine:
             engine.shutdown()
 
     app = FastAPI(title="adapterkit", lifespan=lifespan)
     app.state.server = srv
     if max_body_bytes is not None:  # added first = inside the auth check: no key, nothing is read
-        app.add_middleware(_BodyLimit, limit=max_body_bytes)
+        upload = max(max_body_bytes, ft.max_file_bytes + 2**16)  # + room for the multipart framing
+        app.add_middleware(_BodyLimit, limit=max_body_bytes, per_path={"/v1/files": (upload, "--max-file-bytes")})
     app.add_middleware(_AuthAndCount, api_key=api_key, metrics=srv.metrics)
     _add_routes(app, srv)
+    app.include_router(make_router(ft))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
