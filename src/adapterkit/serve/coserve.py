@@ -44,7 +44,6 @@ import math
 import re
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -326,8 +325,10 @@ class CoServe:
         try:
             seed_everything(spec.seed)  # the adapter's init draws from it, as in `adapterkit train`
             prev = get_state(model, create=True).active
-            j.adapter = f"ft-{spec.job_id.replace('.', '_')}-{uuid.uuid4().hex[:6]}"
-            ak.add_adapter(model, j.adapter, j.lora)
+            # a name fixed by the job id: the checkpoint's tensor names contain it
+            name = f"ft-{spec.job_id.replace('.', '_')}"
+            ak.add_adapter(model, name, j.lora)  # DuplicateAdapterError: the job trains in this model already
+            j.adapter = name  # only now: a failed start must not delete another adapter of that name
             ak.set_adapter(model, prev)  # the first adapter added becomes active: not for inference
             others = [n for n, p in model.named_parameters() if p.requires_grad and f".{j.adapter}." not in n]
             if others:
