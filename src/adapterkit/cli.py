@@ -7,6 +7,7 @@
     adapterkit convert --to peft|native IN OUT
     adapterkit serve --model PATH|default --adapter NAME=PATH ... (see docs/serving.md)
     adapterkit eval --model PATH|default --adapter NAME=PATH ... --task NAME|FILE ... (see docs/eval.md)
+    adapterkit files upload FILE / adapterkit jobs create|list|get|cancel|events (see docs/fine-tuning.md)
 """
 from __future__ import annotations
 
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+    from .serve.ft_cli import add_ft_parsers  # standard library only: always available
+
+    add_ft_parsers(sub)
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -219,3 +223,119 @@ def test_not_enabled_is_400_saying_how(srv: Served) -> None:
                 call()
             assert ei.value.body["code"] == "fine_tuning_not_enabled"
             assert "--enable-fine-tuning" in ei.value.body["message"]
+
+
+# ----------------------------------------------------------------------------- restart
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`adapterkit serve` as a real process; returns once /health answers."""
+    p = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        assert p.poll() is None, f"the server exited with {p.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return p
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_job_resumes_with_the_uninterrupted_loss_curve(srv: Served, tmp_path: Path) -> None:
+    """A job on a server process that is SIGKILLed after the job's first checkpoint and started
+    again on the same state dir resumes there and logs the loss curve of an uninterrupted run."""
+    assert srv.model_dir is not None
+    base = str(srv.model_dir)  # the model's name on both servers: --model as given
+    body: dict[str, Any] = {"model": base, "seed": 5,
+                            "hyperparameters": {"n_epochs": 3, "batch_size": 1, "checkpoint_every": 4}}
+    total = 3 * len(CHAT) * 4
+    ref_c = srv.client()
+    ref = ref_c.fine_tuning.jobs.create(training_file=upload(ref_c, jsonl(CHAT * 4)).id, **body)
+    assert wait_job(ref_c, ref.id).status == "succeeded"
+    want = {e.data["step"]: e.data["train_loss"] for e in ref_c.fine_tuning.jobs.list_events(ref.id, limit=1000)
+            if e.type == "metrics"}
+    assert sorted(want) == list(range(1, total + 1))
+
+    port, state, log = _free_port(), tmp_path / "state", tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "adapterkit.cli", "serve", "--model", base, "--port", str(port),
+           "--api-key", API_KEY, "--enable-fine-tuning", "--state-dir", str(state), "--max-model-len", "128",
+           "--log-level", "warning"]
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    p = _start(cmd, port, log)
+    try:
+        job = c.fine_tuning.jobs.create(training_file=upload(c, jsonl(CHAT * 4)).id, **body)
+        deadline = time.monotonic() + 60
+        while not list(c.fine_tuning.jobs.checkpoints.list(job.id)):
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.05)
+        p.kill()  # SIGKILL: no shutdown code runs
+        p.wait(30)
+        record = json.loads((state / "jobs" / job.id / "job.json").read_text())
+        assert record["status"] == "running"  # killed mid-job
+
+        p = _start(cmd, port, log)  # same state dir: the job is re-submitted with resume=True
+        done = wait_job(c, job.id, timeout=120)
+        assert done.status == "succeeded", done.error
+        events = list(c.fine_tuning.jobs.list_events(job.id, limit=1000))[::-1]  # oldest first
+        resumed = next(i for i, e in enumerate(events) if "resumed" in e.message)
+        after = [e.data for e in events[resumed:] if e.type == "metrics"]
+        assert after[0]["step"] % 4 == 1 and after[0]["step"] < total  # from a checkpoint, not from step 1
+        assert [d["step"] for d in after] == list(range(after[0]["step"], total + 1))
+        for e in events:  # before and after the kill, every logged step has the uninterrupted loss
+            if e.type == "metrics":
+                assert e.data["train_loss"] == pytest.approx(want[e.data["step"]], abs=1e-4), e.data["step"]
+        r = c.completions.create(model=done.fine_tuned_model, prompt="say ok", max_tokens=3, temperature=0)
+        assert r.model == done.fine_tuned_model
+    finally:
+        p.kill()
+        p.wait(30)
+
+
+# ----------------------------------------------------------------------------- CLI
+def cli(srv: Served, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from adapterkit.cli import main
+
+    capsys.readouterr()
+    rc = main([*argv, "--url", srv.url, "--api-key", API_KEY])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_upload_create_follow_get_list_cancel(srv: Served, capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(CHAT))
+    rc, fid, _ = cli(srv, capsys, "files", "upload", str(data))
+    fid = fid.strip()
+    assert rc == 0 and fid.startswith("file-") and srv.client().files.content(fid).read() == data.read_bytes()
+    rc, jid, _ = cli(srv, capsys, "jobs", "create", "--training-file", fid, "--n-epochs", "1", "--batch-size", "2",
+                     "--suffix", "cli", "--adapter", '{"r": 2}')
+    jid = jid.strip()
+    assert rc == 0 and jid.startswith("ftjob-")
+    rc, out, _ = cli(srv, capsys, "jobs", "events", jid, "--follow", "--interval", "0.1")
+    assert rc == 0 and "step 2/2" in out and "succeeded" in out.splitlines()[-1], out
+    rc, out, _ = cli(srv, capsys, "jobs", "get", jid, "--json")
+    assert rc == 0 and json.loads(out)["fine_tuned_model"] == f"ft:{srv.base}:cli:{jid}"
+    rc, out, _ = cli(srv, capsys, "jobs", "list")
+    assert rc == 0 and any(line.startswith(jid) and "succeeded" in line for line in out.splitlines())
+    rc, _, err = cli(srv, capsys, "jobs", "cancel", jid)  # finished: the server's 400, named
+    assert rc == 2 and "already succeeded" in err and "HTTP 400" in err
+    data.write_bytes(jsonl(CHAT) + b"{oops\n")
+    rc, _, err = cli(srv, capsys, "files", "upload", str(data))
+    assert rc == 2 and "line 5: invalid JSON" in err
+    rc, out, _ = cli(srv, capsys, "files", "delete", fid)
+    assert rc == 0 and fid not in cli(srv, capsys, "files", "list")[1]
+
+
+def test_cli_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from adapterkit.cli import main
+
+    rc = main(["jobs", "list", "--url", f"http://127.0.0.1:{_free_port()}"])
+    assert rc == 2 and "cannot reach" in capsys.readouterr().err

@@ -71,7 +71,8 @@ def validate_jsonl(data: bytes) -> list[dict[str, Any]]:
         line = data[: e.start].count(b"\n") + 1
         raise JSONLError(f"line {line}: not UTF-8 text (byte {e.start} of the file)", line) from None
     examples: list[dict[str, Any]] = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines would also split inside a JSON string holding U+2028
+    for lineno, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         examples.append(_check_line(raw, lineno))
