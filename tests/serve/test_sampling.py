@@ -87,3 +87,113 @@ def test_params_validation_names_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SamplingParams(**{field: value})
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+# ---------------------------------------------------------------- incremental detokenization
+_TEXTS = ["héllo wörld, naïve café ☕", "日本語のテキストです。", "emoji 😀👍🏽 and ZWJ 👨‍👩‍👧 family",
+          "Ελληνικά και русский текст", "plain ascii text with spaces  and\ttabs\n", "مرحبا بالعالم"]
+
+
+def _bpe(kind: str):
+    """A small BPE tokenizer trained here: byte-level (GPT-2 / SmolLM2 style: multi-byte
+    characters split over tokens) or Metaspace (SentencePiece style: a leading-space rule)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token=None if kind == "byte" else "<unk>"))
+    if kind == "byte":
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = sorted({c for t in _TEXTS for c in t})
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, special_tokens=["<unk>", "<eos>"])
+    tk.train_from_iterator(_TEXTS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def _stream(tok, ids: list[int]) -> tuple[list[str], OutputState]:
+    st = OutputState(SamplingParams(max_tokens=len(ids), ignore_eos=True), tok, set(), 1, 10_000)
+    return [st.step(t)[1] for t in ids], st
+
+
+@pytest.mark.parametrize("kind", ["byte", "metaspace"])
+def test_incremental_text_equals_the_full_decode(kind):
+    tok = _bpe(kind)
+    g = torch.Generator().manual_seed(0)
+    V = len(tok)
+    cases = [tok.encode(t, add_special_tokens=False) for t in _TEXTS]
+    cases += [torch.randint(0, V, (60,), generator=g).tolist() for _ in range(60)]  # invalid UTF-8, specials
+    for ids in cases:
+        deltas, st = _stream(tok, ids)
+        full = tok.decode(ids, skip_special_tokens=True)
+        assert "".join(deltas) == full, ids
+        assert not st._detok.full  # the windows were used, not the whole-output fallback
+        for n in range(1, len(ids)):  # every streamed prefix is a prefix of the whole decode
+            assert full.startswith("".join(deltas[:n]))
+    # a character split over byte tokens is held back until complete, then sent whole
+    if kind == "byte":
+        ids = tok.convert_tokens_to_ids(list(pre_tokenizers_bytes("😀")))
+        assert None not in ids and _stream(tok, ids)[0] == ["", "", "", "😀"]
+
+
+def pre_tokenizers_bytes(text: str) -> list[str]:
+    """The byte-level symbols of `text`'s UTF-8 bytes (GPT-2's map: printable bytes stand for
+    themselves, the others for chr(256 + n) in byte order)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    mapping, n = {}, 0
+    for b in range(256):
+        if chr(b) in alphabet:
+            mapping[b] = chr(b)
+        else:
+            mapping[b], n = chr(256 + n), n + 1
+    return [mapping[b] for b in text.encode()]
+
+
+class _Counting:
+    """Wraps a tokenizer and counts the token ids it is asked to decode."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_each_step_decodes_a_small_window():
+    tok = _bpe("byte")
+    ids = tok.encode(" ".join(_TEXTS) * 4, add_special_tokens=False)
+    counting = _Counting(tok)
+    deltas, _ = _stream(counting, ids)
+    assert "".join(deltas) == tok.decode(ids)
+    # whole-output decoding would cost n(n+1)/2 ids; windows cost a few per token (+ n at the end)
+    assert counting.decoded < 10 * len(ids), (counting.decoded, len(ids))
+    assert len(ids) > 100
+
+
+def test_space_cleaning_tokenizer_falls_back_to_whole_decodes():
+    tok = _bpe("byte")
+    tok.clean_up_tokenization_spaces = True  # " ." -> "." across token boundaries
+    ids = tok.encode("a . b , c ' d n't e ?", add_special_tokens=False)
+    deltas, st = _stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) and st._detok.full
+
+
+def test_default_model_tokenizer_streams_its_full_decode():
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    dirs = sorted((Path.home() / ".cache" / "adapterkit" / "models").glob("SmolLM2-*"))
+    if not dirs:
+        pytest.skip("the default model is not cached here")
+    tok = AutoTokenizer.from_pretrained(dirs[0])
+    g = torch.Generator().manual_seed(1)
+    cases = [tok.encode(t) for t in _TEXTS] + [torch.randint(0, len(tok), (80,), generator=g).tolist()
+                                               for _ in range(5)]
+    for ids in cases:
+        assert "".join(_stream(tok, ids)[0]) == tok.decode(ids, skip_special_tokens=True)

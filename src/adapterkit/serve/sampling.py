@@ -1,5 +1,6 @@
-"""Token sampling (greedy, temperature, top-k, top-p, per-request seeds) and stop handling
-(EOS, stop token ids, stop strings, min_tokens) with incremental detokenization."""
+"""Token sampling (presence/frequency/repetition penalties, greedy, temperature, top-k, top-p,
+per-request seeds) and stop handling (EOS, stop token ids, stop strings, min_tokens) with
+incremental detokenization."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -50,14 +51,98 @@ def top_k_top_p_filter_ref(logits: torch.Tensor, top_k: Sequence[int], top_p: Se
     return out
 
 
+def _token_counts(ids: Sequence[Sequence[int]], V: int) -> torch.Tensor:
+    """(N, V) float counts of each token id in each row's list."""
+    n = max((len(r) for r in ids), default=0)
+    counts = torch.zeros(len(ids), V + 1)
+    if n:  # ragged rows padded with the extra column V, dropped below
+        idx = torch.tensor([list(r) + [V] * (n - len(r)) for r in ids], dtype=torch.int64)
+        counts.scatter_add_(1, idx, torch.ones(idx.shape))
+    return counts[:, :V]
+
+
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
+                    output_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """vLLM's penalties, in place on `logits` (N, V) fp32, in vLLM's order.
+
+    For row i with p = params[i], over the token ids v:
+      1. repetition (prompt and output): if v occurs in prompt_ids[i] or output_ids[i], then
+         logit /= p.repetition_penalty where logit > 0, else logit *= p.repetition_penalty;
+      2. frequency (output only): logit -= p.frequency_penalty * count of v in output_ids[i];
+      3. presence (output only): logit -= p.presence_penalty if v occurs in output_ids[i].
+
+    Args:
+        logits: (N, V) fp32, modified in place (and returned).
+        params: one per row; rows with no penalty set are left untouched.
+        prompt_ids: each row's prompt token ids.
+        output_ids: each row's generated token ids so far.
+
+    Returns:
+        `logits`.
+    """
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    V = logits.shape[-1]
+    sub = logits[rows]  # (R, V) copy
+    out_counts = _token_counts([output_ids[i] for i in rows], V)
+    seen_out = out_counts > 0
+    rep = torch.tensor([params[i].repetition_penalty for i in rows]).view(-1, 1)
+    seen = seen_out | (_token_counts([prompt_ids[i] for i in rows], V) > 0)
+    scale = torch.where(sub > 0, 1.0 / rep, rep)
+    sub = torch.where(seen, sub * scale, sub)
+    sub -= torch.tensor([params[i].frequency_penalty for i in rows]).view(-1, 1) * out_counts
+    sub -= torch.tensor([params[i].presence_penalty for i in rows]).view(-1, 1) * seen_out
+    logits[rows] = sub
+    return logits
+
+
+def apply_penalties_ref(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
+                        output_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Reference for `apply_penalties`: one token at a time in float64, returns a new tensor."""
+    out = logits.double().clone()
+    for i, p in enumerate(params):
+        for v in range(out.shape[1]):
+            x = float(out[i, v])
+            if v in prompt_ids[i] or v in output_ids[i]:
+                x = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+            c = list(output_ids[i]).count(v)
+            x -= p.frequency_penalty * c
+            x -= p.presence_penalty * (c > 0)
+            out[i, v] = x
+    return out.float()
+
+
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-                  banned: Sequence[Sequence[int]]) -> list[int]:
-    """One token per row. logits (N, V) fp32; banned[i]: token ids masked for row i (EOS and
-    stop tokens while fewer than min_tokens are out)."""
+                  banned: Sequence[Sequence[int]],
+                  histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> list[int]:
+    """One token per row.
+
+    Args:
+        logits: (N, V) raw logits.
+        params: one per row.
+        generators: per-row generators for sampled rows (None: torch's default).
+        banned: token ids masked for each row (EOS and stop tokens while fewer than min_tokens
+            are out).
+        histories: each row's (prompt ids, output ids so far); needed by rows with penalties.
+
+    Returns:
+        The N chosen token ids.
+
+    Raises:
+        ValueError: a row has penalties but no history was given.
+    """
     logits = logits.float()
+    penalized = any(p.penalized for p in params)
+    if logits.is_inference() and (penalized or any(banned)):
+        logits = logits.clone()  # the runner's output cannot be written outside inference mode
     for i, b in enumerate(banned):
         if b:
             logits[i, list(b)] = float("-inf")
+    if penalized:
+        if histories is None:
+            raise ValueError("sample_tokens: penalties need each row's (prompt ids, output ids) in `histories`")
+        apply_penalties(logits, params, [h[0] for h in histories], [h[1] for h in histories])
     out = logits.argmax(-1).tolist()  # greedy rows done; sampled rows overwritten below
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
@@ -102,6 +187,61 @@ def token_logprobs(logprobs: torch.Tensor, targets: Sequence[int], ks: Sequence[
             for r, (t, c, k) in enumerate(zip(targets, chosen, ks))]
 
 
+class Detokenizer:
+    """Incremental decoding: each token decodes a small window, not the whole output.
+
+    Two offsets into the tokens: text for tokens[:read] is final; tokens[prefix:read] (the last
+    token that is not a skipped special one, and any after it) is the context the next window is
+    decoded with (BPE byte pieces and SentencePiece's leading-space rule depend on neighbours). A step decodes tokens[prefix:] and tokens[prefix:read]; the
+    difference is the new text. Text ending in an incomplete UTF-8 character ("\\ufffd") waits
+    for more tokens, so the concatenation equals ``tokenizer.decode(all tokens)``. Where a
+    window's text does not extend its context's (tokenizers that clean up spaces across token
+    boundaries), or the tokenizer cleans up spaces at all, the whole output is decoded instead.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``decode(ids, skip_special_tokens=True)``).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
+        # cleaning spaces (" ." -> ".") joins text across any boundary: windows cannot see it
+        self.full = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int, last: bool = False) -> str:
+        """Append `token`; return the text so far (a trailing incomplete character left out,
+        except after the `last` token or in whole-output mode, where it shows as "\\ufffd")."""
+        self.ids.append(token)
+        if self.full or last:
+            return self.flush()
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if not now.startswith(before):
+            self.full = True  # this tokenizer's windows disagree with its whole decode: stop using them
+            return self.flush()
+        if now.endswith("\ufffd"):
+            return self.text  # a character split across tokens: wait for its other bytes
+        self.text += now[len(before):]
+        self.read = len(self.ids)
+        # context = the last token that decodes to something: a skipped special token first
+        # in the window would hand the leading-space rule to the next token
+        self.prefix = self.read - 1
+        while self.prefix > 0 and self.ids[self.prefix] in self.special:
+            self.prefix -= 1
+        return self.text
+
+    def flush(self) -> str:
+        """The whole decode of every token so far (an incomplete character as "\\ufffd")."""
+        self.text = self._decode(self.ids)
+        return self.text
+
+
 class OutputState:
     """Per-request output bookkeeping: tokens, stop checks, incremental text.
 
@@ -119,6 +259,7 @@ class OutputState:
         self.emitted_chars = 0
         self.emitted_tokens = 0
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._detok = Detokenizer(tokenizer) if tokenizer is not None else None
 
     def banned(self) -> list[int]:
         if len(self.token_ids) >= self.params.min_tokens:
@@ -134,8 +275,9 @@ class OutputState:
             finish = "stop"
         elif n >= p.max_tokens or self.prompt_len + n >= self.max_len:
             finish = "length"
-        if self.tokenizer is not None:
-            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self._detok is not None:
+            # a finished output is decoded whole once, so a trailing partial character shows
+            full = self._detok.add(token, last=finish is not None)
             if p.stop and n >= p.min_tokens:
                 # search only where a new match can start
                 start = max(0, len(self.text) - self._holdback - 1)

@@ -238,7 +238,8 @@ class Scheduler:
         want = [j for j, s in enumerate(sample_seqs) if s.out.params.logprobs is not None]
         lps = raw_logprobs(logits[want]) if want else None
         toks = sample_tokens(logits, [s.out.params for s in sample_seqs], [s.generator for s in sample_seqs],
-                             [s.out.banned() for s in sample_seqs])
+                             [s.out.banned() for s in sample_seqs],
+                             [(s.prompt_ids, s.out.token_ids) for s in sample_seqs])  # penalties read them
         chosen: dict[int, TokenLogprob] = {}
         if lps is not None:
             got = token_logprobs(lps, [toks[j] for j in want], [sample_seqs[j].out.params.logprobs for j in want])

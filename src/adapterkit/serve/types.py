@@ -115,6 +115,10 @@ class SamplingParams:
     # the chosen token's log-prob plus the k most likely alternatives.
     logprobs: int | None = None  # for every generated token
     prompt_logprobs: int | None = None  # for every prompt token (the first gets None: nothing predicts it)
+    # vLLM's penalties (`sampling.apply_penalties`), applied before temperature / greedy argmax:
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # in [-2, 2]; times each token's count among those generated
+    repetition_penalty: float = 1.0  # > 0; divides (scales) logits of tokens in the prompt or output
 
     def __post_init__(self) -> None:
         # accept lists / a single string from JSON, store tuples (frozen + hashable)
@@ -143,6 +147,18 @@ class SamplingParams:
                f"must be ints >= 0, got {self.stop_token_ids!r}")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                f"must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and -2 <= v <= 2, name,
+                   f"must be a float in [-2, 2], got {v!r}")
+        v = self.repetition_penalty
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+               "repetition_penalty", f"must be a finite float > 0, got {v!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits (they then need the request's token history)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:
