@@ -124,9 +124,10 @@ def test_schemas() -> None:
     r = CompletionRequest(model="m", prompt=["only"], stop="x", top_k=-1)
     assert r.prompt == "only" and r.stop_list() == ["x"] and r.max_tokens == 16
     assert CompletionRequest(model="m", prompt=[[1, 2]]).prompt == [1, 2]
-    for bad in ({"prompt": ["a", "b"]}, {"prompt": []}, {"n": 2}, {"temperature": -0.1}, {"top_p": 0},
+    for bad in ({"prompt": ["a", "b"]}, {"prompt": []}, {"n": 0}, {"n": 65}, {"temperature": -0.1}, {"top_p": 0},
                 {"stop": [""]}, {"stop": ["s"] * 17}, {"max_tokens": 0}, {"logprobs": 21}, {"logprobs": True},
-                {"presence_penalty": 1.0},
+                {"presence_penalty": 2.5}, {"frequency_penalty": -2.1}, {"repetition_penalty": 0.0},
+                {"n": 3, "best_of": 1},
                 {"max_tokens": 2, "min_tokens": 3}, {"seed": 2**70}, {"top_k": -2}):
         with pytest.raises(ValidationError):
             CompletionRequest(**{"model": "m", "prompt": "p", **bad})

@@ -18,6 +18,7 @@ so the official ``openai`` client raises its typed exceptions (``BadRequestError
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -145,7 +146,7 @@ Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 # Documented in the OpenAPI schema only (the validators below give the clearer messages):
 # fields accepted solely at the value that changes nothing.
 _ONLY_ONE = {"minimum": 1, "maximum": 1}
-_ONLY_ZERO = {"minimum": 0, "maximum": 0}
+MAX_N = 64  # choices per request (each is one engine sequence)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -206,7 +207,9 @@ class SamplingFields(_Lenient):
     """Sampling fields shared by completions and chat (OpenAI + vLLM extras).
 
     Ranges follow OpenAI/vLLM: temperature in [0, 2] (0 = greedy), top_p in (0, 1],
-    top_k = -1 or 0 (off) or >= 1, n must be 1 (one choice per request in this server).
+    top_k = -1 or 0 (off) or >= 1, presence/frequency penalties in [-2, 2], repetition
+    penalty > 0 (vLLM's extra; 1 = off), n in [1, `MAX_N`] independent choices (choice i
+    sampled with seed ``seed + i`` when a seed is given, as vLLM does).
     """
 
     model: str
@@ -214,7 +217,7 @@ class SamplingFields(_Lenient):
     temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: TopK = -1
-    n: Int = Field(default=1, json_schema_extra=_ONLY_ONE)
+    n: PosInt = Field(default=1, le=MAX_N)
     stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[str, Field(json_schema_extra={"minLength": 1})] | \
@@ -223,17 +226,9 @@ class SamplingFields(_Lenient):
     seed: Seed | None = None
     ignore_eos: Bool = False
     min_tokens: NonNegInt = 0
-    presence_penalty: Float = Field(default=0.0, json_schema_extra=_ONLY_ZERO)
-    frequency_penalty: Float = Field(default=0.0, json_schema_extra=_ONLY_ZERO)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        # Several choices per request would need n independent sequences sharing one prompt;
-        # the engine serves one sequence per request, so say so instead of silently returning 1.
-        if v != 1:
-            raise ValueError(f"n={v} is not supported; this server returns exactly one choice (n=1)")
-        return v
+    presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: Float = Field(default=1.0, gt=0.0)
 
     @field_validator("stop")
     @classmethod
@@ -245,14 +240,6 @@ class SamplingFields(_Lenient):
                 raise ValueError("stop sequences must be non-empty strings")
         elif v == "":
             raise ValueError("stop sequences must be non-empty strings")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        # Accepting a penalty and ignoring it would silently change sampling semantics.
-        if v != 0.0:
-            raise ValueError("presence/frequency penalties are not supported by this server (use 0)")
         return v
 
     @model_validator(mode="after")
@@ -315,6 +302,8 @@ class CompletionRequest(SamplingFields):
         if self.max_tokens == 0 and not self.echo:
             raise _FieldError("max_tokens", "max_tokens=0 generates nothing: it is only allowed with echo=true "
                               "(to score the prompt, e.g. with logprobs)")
+        if self.best_of is not None and self.best_of < self.n:
+            raise _FieldError("best_of", f"best_of={self.best_of} must be >= n={self.n}")
         return self
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
@@ -452,49 +441,43 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(
-    rid: str, model: str, text: str, finish: str | None, use: dict[str, int] | None, *, chunk: bool = False,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A ``text_completion`` object (full response, or one stream chunk when ``chunk``)."""
-    body: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-    }
+def completion_choice(index: int, text: str, finish: str | None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of a ``text_completion``'s ``choices``."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int] | None, *,
+                    chunk: bool = False) -> dict[str, Any]:
+    """A ``text_completion`` object (full response, or one stream chunk when ``chunk``), with
+    `choices` from `completion_choice`."""
+    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": now(), "model": model,
+                            "choices": choices}
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict[str, int],
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A non-streamed ``chat.completion`` object."""
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": now(),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": use,
-    }
+def chat_choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of a non-streamed ``chat.completion``'s ``choices``."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
+
+
+def chat_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict[str, int]) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` object, with `choices` from `chat_choice`."""
+    return {"id": rid, "object": "chat.completion", "created": now(), "model": model, "choices": choices,
+            "usage": use}
 
 
 def chat_chunk(
     rid: str, model: str, delta: dict[str, Any] | None, finish: str | None, use: dict[str, int] | None = None,
-    logprobs: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None, index: int = 0,
 ) -> dict[str, Any]:
-    """A ``chat.completion.chunk``; ``delta=None`` makes the usage-only chunk (empty choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+    """A ``chat.completion.chunk`` of choice `index`; ``delta=None`` makes the usage-only chunk
+    (empty choices)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]
     body: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -554,27 +537,76 @@ def sse_json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: SamplingFields,
+async def merge_choices(streams: Sequence[AsyncIterator[GenerationChunk]]
+                        ) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """The chunks of several choices as they come: (choice index, chunk). Each stream is read
+    by its own task; on exit (the consumer closed, an error) the tasks are cancelled and every
+    stream is closed, which aborts its request.
+
+    Raises:
+        Whatever a stream raised, once it reaches the front of the queue.
+    """
+    if len(streams) == 1:  # the common case: no tasks
+        async for c in streams[0]:
+            yield 0, c
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for c in stream:
+                queue.put_nowait((i, c, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, exc))
+        finally:
+            queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, st)) for i, st in enumerate(streams)]
+    try:
+        open_ = len(streams)
+        while open_:
+            i, c, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if c is None:
+                open_ -= 1
+            else:
+                yield i, c
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for st in streams:
+            aclose = getattr(st, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def sse_events(chunks: AsyncIterator[tuple[int, GenerationChunk]], rid: str, body: SamplingFields,
                      usage_now: Callable[[], dict[str, int]], chat: bool,
-                     shaper: ChoiceShaper | None = None) -> AsyncIterator[str]:
+                     shapers: Sequence[ChoiceShaper] | None = None) -> AsyncIterator[str]:
     """The SSE ``data:`` payloads of one streamed request in OpenAI's chunk format.
 
-    Chat starts with a ``{"role": "assistant"}`` delta; chunks whose text is held back by the
-    engine (a possible stop-string prefix, a partial UTF-8 character) are skipped; the last
-    choice chunk carries ``finish_reason``; ``stream_options.include_usage`` adds a chunk with
-    empty ``choices`` and ``usage``; an engine error becomes an ``{"error": ...}`` event. The
-    stream always ends with ``[DONE]``. `chunks` is closed on exit (closing aborts the request).
-    `shaper` adds the echoed prompt and the log-probs (each event carries those of its tokens).
+    `chunks` yields (choice index, chunk) (`merge_choices`). Chat starts with a
+    ``{"role": "assistant"}`` delta per choice; chunks whose text is held back by the engine (a
+    possible stop-string prefix, a partial UTF-8 character) are skipped; each choice's last
+    chunk carries its ``finish_reason``; ``stream_options.include_usage`` adds a chunk with
+    empty ``choices`` and ``usage`` (all choices summed); an engine error becomes an
+    ``{"error": ...}`` event. The stream always ends with ``[DONE]``. `chunks` is closed on exit
+    (closing aborts the requests). `shapers` (one per choice) add the echoed prompt and the
+    log-probs (each event carries those of its tokens).
     """
     model = body.model
-    shaper = shaper or ChoiceShaper(None, chat)
+    shapers = shapers or [ChoiceShaper(None, chat) for _ in range(body.n)]
     try:
         if chat:
-            yield sse_json(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
-        async for c in chunks:
+            for i in range(len(shapers)):
+                yield sse_json(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None, index=i))
+        async for i, c in chunks:
             if c.finish_reason == "error":
                 yield sse_json(error_body(c.error or "generation failed", "server_error", code="engine_error"))
                 break
+            shaper = shapers[i]
             shaper.feed(c)
             if not shaper.pending() and not c.finished:
                 continue
@@ -582,9 +614,10 @@ async def sse_events(chunks: AsyncIterator[GenerationChunk], rid: str, body: Sam
             text, lps = await anyio.to_thread.run_sync(shaper.take) if len(shaper.entries) > 64 else shaper.take()
             if chat:
                 yield sse_json(chat_chunk(rid, model, {"content": text} if text else {}, c.finish_reason,
-                                          logprobs=lps))
+                                          logprobs=lps, index=i))
             else:
-                yield sse_json(completion_body(rid, model, text, c.finish_reason, None, chunk=True, logprobs=lps))
+                yield sse_json(completion_body(rid, model, [completion_choice(i, text, c.finish_reason, lps)], None,
+                                               chunk=True))
         if body.include_usage():
             if chat:
                 yield sse_json(chat_chunk(rid, model, None, None, usage_now()))

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -320,6 +320,8 @@ class Server:
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                 top_k=max(req.top_k, 0),  # OpenAI/vLLM use -1 for "off", the engine 0
                 seed=req.seed, stop=tuple(req.stop_list()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
             )
         except ConfigError as exc:
             raise engine_error(exc) from None
@@ -341,6 +343,24 @@ class Server:
             raise
         self._account(gen, first)
         return stream, first
+
+    async def start_all(self, greqs: Sequence[GenerationRequest], gens: Sequence[_Generation], prompt_param: str,
+                        max_tokens_param: str = "max_tokens"
+                        ) -> list[tuple[AsyncIterator[GenerationChunk], GenerationChunk]]:
+        """`start` for each choice at once (their prefills share engine steps); if any fails,
+        the others are aborted and its error is raised."""
+        if len(greqs) == 1:
+            return [await self.start(greqs[0], gens[0], prompt_param, max_tokens_param)]
+        got = await asyncio.gather(*(self.start(g, gen, prompt_param, max_tokens_param)
+                                     for g, gen in zip(greqs, gens)), return_exceptions=True)
+        failed = [r for r in got if isinstance(r, BaseException)]
+        if failed:
+            for g, r in zip(greqs, got):
+                if not isinstance(r, BaseException):
+                    self.engine.abort(g.request_id)
+                    await _close(r[0])
+            raise failed[0]
+        return got  # type: ignore[return-value]
 
     @staticmethod
     def _account(gen: _Generation, chunk: GenerationChunk) -> None:
@@ -538,47 +558,60 @@ def _add_routes(app: FastAPI, srv: Server) -> None:
 
     async def run(request: Request, body: api.SamplingFields, greq_kwargs: dict[str, Any], max_tokens: int,
                   prompt_param: str, chat: bool, max_tokens_param: str | None, echo: str | None = None) -> Response:
-        """Generate for one request. `max_tokens_param`: the field the client set max_tokens
-        with (prompt + it must fit the context: 400 otherwise), None if it used the default.
-        `echo`: the prompt text to return in front of the output (completions ``echo``)."""
+        """Generate the ``n`` choices of one request. `max_tokens_param`: the field the client set
+        max_tokens with (prompt + it must fit the context: 400 otherwise), None if it used the
+        default. `echo`: the prompt text to return in front of each output (completions ``echo``)."""
         adapter = srv.resolve_model(body.model)
+        params = srv.sampling(body, max_tokens)
         try:
-            greq = GenerationRequest(adapter=adapter, params=srv.sampling(body, max_tokens),
-                                     strict_max_tokens=max_tokens_param is not None, **greq_kwargs)
+            # n independent sequences; with a seed, choice i samples with seed + i (as vLLM)
+            greqs = [GenerationRequest(adapter=adapter, strict_max_tokens=max_tokens_param is not None,
+                                       params=params if params.seed is None or i == 0 else
+                                       replace(params, seed=(params.seed + i) % 2**64), **greq_kwargs)
+                     for i in range(body.n)]
         except ConfigError as exc:
             raise engine_error(exc, prompt_param=prompt_param) from None
-        gen = _Generation()
+        gens = [_Generation() for _ in greqs]
         # watched too: a client that leaves while its request is still queued is aborted now
-        stream, first = await _until_disconnect(
-            request, srv.start(greq, gen, prompt_param, max_tokens_param or "max_tokens"))
+        started = await _until_disconnect(
+            request, srv.start_all(greqs, gens, prompt_param, max_tokens_param or "max_tokens"))
         rid = api.new_id("chatcmpl" if chat else "cmpl")
-        chunks = srv.chunks(stream, first, greq, gen)
-        fmt = None
-        if body.logprob_counts()[0] is not None:
-            # with echo the prompt's own tokens come first; otherwise they are the decoding context
-            fmt = LogprobFormatter(engine.tokenizer, () if echo is not None else greq.prompt_token_ids or ())
-        shaper = api.ChoiceShaper(fmt, chat, echo)
+        streams = [srv.chunks(stream, first, g, gen) for (stream, first), g, gen in zip(started, greqs, gens)]
+        shapers = []
+        for g in greqs:
+            fmt = None
+            if body.logprob_counts()[0] is not None:
+                # with echo the prompt's own tokens come first; otherwise they are the decoding context
+                fmt = LogprobFormatter(engine.tokenizer, () if echo is not None else g.prompt_token_ids or ())
+            shapers.append(api.ChoiceShaper(fmt, chat, echo))
+
+        def use() -> dict[str, int]:  # the prompt once, the completions summed (as vLLM)
+            return api.usage(gens[0].prompt_tokens, sum(g.completion_tokens for g in gens))
+
         if body.stream:
-            return SSEResponse(api.sse_events(chunks, rid, body, lambda: _usage(gen), chat, shaper))
+            return SSEResponse(api.sse_events(api.merge_choices(streams), rid, body, use, chat, shapers))
 
-        async def collect() -> list[GenerationChunk]:
-            try:
-                return [c async for c in chunks]
-            finally:
-                await chunks.aclose()
+        async def collect() -> list[list[GenerationChunk]]:
+            out: list[list[GenerationChunk]] = [[] for _ in streams]
+            async for i, c in api.merge_choices(streams):
+                out[i].append(c)
+            return out
 
-        out = await _until_disconnect(request, collect())
-        last = out[-1]
-        if last.finish_reason == "error":
-            raise APIError(500, last.error or "generation failed", type="server_error", code="engine_error")
-        for c in out:
-            shaper.feed(c)
-        # decoding every token string costs a few ms per hundred tokens: off the event loop
-        text, lps = await anyio.to_thread.run_sync(shaper.take) if fmt is not None else shaper.take()
+        outs = await _until_disconnect(request, collect())
+        choices = []
+        for i, (out, shaper) in enumerate(zip(outs, shapers)):
+            last = out[-1]
+            if last.finish_reason == "error":
+                raise APIError(500, last.error or "generation failed", type="server_error", code="engine_error")
+            for c in out:
+                shaper.feed(c)
+            # decoding every token string costs a few ms per hundred tokens: off the event loop
+            text, lps = await anyio.to_thread.run_sync(shaper.take) if shaper.fmt is not None else shaper.take()
+            choice = api.chat_choice if chat else api.completion_choice
+            choices.append(choice(i, text, last.finish_reason, lps))
         if chat:
-            return JSONResponse(api.chat_body(rid, body.model, text, last.finish_reason, _usage(gen), lps))
-        return JSONResponse(api.completion_body(rid, body.model, text, last.finish_reason, _usage(gen),
-                                                logprobs=lps))
+            return JSONResponse(api.chat_body(rid, body.model, choices, use()))
+        return JSONResponse(api.completion_body(rid, body.model, choices, use()))
 
     @app.post("/v1/completions", responses=_GENERATION_RESPONSES)
     async def completions(body: api.CompletionRequest, request: Request) -> Response:
