@@ -134,9 +134,11 @@ def measure_step(model, case: Case, ctx: int, dtype: str, steps: int) -> float:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, model.config.vocab_size, (ctx,), generator=g).tolist() for _ in range(case.tokens)]
     slots = max(case.adapters, 1)
+    # the unified pool holds KV pages and the adapters' weights: room for all of them, twice
+    per_adapter = 4 * case.rank * sum(i + o for i, o in shapes_of(model).targets()) * model.config.num_hidden_layers
     cfg = EngineConfig(max_loras=slots, max_num_seqs=case.tokens, max_lora_rank=max(case.rank, 8),
-                       max_num_batched_tokens=max(case.tokens * ctx, 64), block_size=16, pool_bytes=256 << 20,
-                       dtype=dtype)
+                       max_num_batched_tokens=max(case.tokens * ctx, 64), block_size=16,
+                       pool_bytes=(256 << 20) + 2 * case.adapters * per_adapter, dtype=dtype)
     eng = Engine(model, config=cfg, start=False)
     names: list[str | None] = [None] * case.tokens
     if case.adapters:
