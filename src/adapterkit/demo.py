@@ -276,10 +276,12 @@ def serve(adapter_dir: Path, port: int) -> int:
         return 2
     parser = argparse.ArgumentParser(prog="adapterkit")
     add_serve_parser(parser.add_subparsers())
+    # fine-tuning on too: docs/fine-tuning.md's walk-through runs against this server
     args = parser.parse_args(["serve", "--model", "default", "--adapter", f"{ADAPTER_NAME}={adapter_dir}",
-                              "--port", str(port)])
+                              "--port", str(port), "--enable-fine-tuning",
+                              "--state-dir", str(adapter_dir.parent / "serve-state")])
     print(f"serving {ak.models.DEFAULT_MODEL_NAME} + adapter {ADAPTER_NAME!r} on http://127.0.0.1:{port}/v1 "
-          f"(use model={ADAPTER_NAME!r} in requests)")
+          f"(use model={ADAPTER_NAME!r} in requests; fine-tuning jobs: docs/fine-tuning.md)")
     return int(args.fn(args))
 
 
