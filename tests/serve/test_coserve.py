@@ -201,6 +201,15 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, tok):
     assert [c["step"] for c in st.checkpoints] == [2, 4, 6]
     assert st.trained_tokens == ref.tokens
     assert_same_adapter(tmp_path / "ft" / spec.job_id / "adapter", ref.adapter_dir)
+    # after another restart, a finished job's models are served again without retraining
+    third = make_engine(tmp_path, tok)
+    try:
+        names = third.fine_tuning.register_saved(spec)
+        assert sorted(names) == sorted([c["model"] for c in st.checkpoints] + [st.fine_tuned_model])
+        assert third.generate_sync([[5, 6, 7]], adapters=[st.fine_tuned_model], params=GREEDY)[0].error is None
+        assert third.fine_tuning.register_saved(spec) == []  # already registered
+    finally:
+        third.shutdown()
 
 
 def test_checkpoints_and_final_model_answer_by_name_at_once(tmp_path, tok):

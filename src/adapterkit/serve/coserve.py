@@ -181,11 +181,13 @@ class CoServe:
 
         Args:
             spec: the job.
-            on_event: called from the engine thread with every event (must not block).
+            on_event: called with every event, from the engine thread (the "queued" and
+                "cancelled" ones from the caller's); it must not block.
             resume: continue from the newest complete checkpoint in the job dir (a fresh
-                start if there is none).
+                start if there is none; a job whose last step is checkpointed just saves
+                and serves its final adapter).
         Returns:
-            The job's status ("queued", or "succeeded" for a resumed job already finished).
+            The job's status ("queued": it starts on the engine thread).
         Raises:
             ConfigError: a bad field (named, with the closest valid name), an unservable
                 method, rank above max_lora_rank, a job id in use, or an existing job dir
