@@ -1,4 +1,5 @@
-"""The engine's own forward matches HF for each supported architecture (Qwen2 has q/k/v biases)."""
+"""The engine (fused fast path for Llama/Mistral/Qwen2) matches HF per architecture (Qwen2 has q/k/v biases);
+which runner `make_runner` picks; what cannot be served is refused by name."""
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,31 @@ def test_arch_matches_hf(arch):
     assert outs[1].token_ids == hf_greedy(m, prompts[1], 5)
 
 
-def test_unsupported_arch_is_refused():
+def test_encoder_decoder_is_refused_naming_the_architecture():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64))
+    with pytest.raises(UnsupportedModuleError, match="T5ForConditionalGeneration"):
+        Engine(t5, start=False)
+
+
+def test_make_runner_takes_the_fused_path_only_where_it_is_exact():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    with pytest.raises(UnsupportedModuleError, match="GPT2LMHeadModel"):
-        Engine(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)), start=False)
+    import adapterkit as ak
+    from adapterkit.methods.lora import LoRAConfig
+    from adapterkit.serve.hf_runner import HFModelRunner
+    from adapterkit.serve.runner import ModelRunner, make_runner
+
+    assert type(make_runner(_model("llama"))) is ModelRunner
+    assert type(make_runner(_model("qwen2"))) is ModelRunner
+    mistral = _model("mistral")
+    mistral.config.sliding_window = 64
+    assert type(make_runner(mistral, max_model_len=64)) is ModelRunner  # the window is never reached
+    assert type(make_runner(mistral, max_model_len=65)) is HFModelRunner
+    assert type(make_runner(mistral)) is HFModelRunner  # unknown length: the window may be reached
+    attached = _model("llama")
+    ak.add_adapter(attached, "x", LoRAConfig(r=2, targets=("q_proj",)))
+    assert type(make_runner(attached)) is HFModelRunner  # the fused copies would ignore it
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    assert type(make_runner(gpt2)) is HFModelRunner

@@ -34,7 +34,16 @@ from adapterkit.errors import (
 )
 from adapterkit.serve.pool import UnifiedPool
 
-_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B)$")
+# <prefix>.<layer index>.<path inside the layer>.lora_A|B: the first number in the key is the
+# decoder layer ("model.layers.3.self_attn.q_proj", "transformer.h.3.attn.c_attn",
+# "model.decoder.layers.3.fc1"); the path resolves to the module name that it ends with
+_KEY = re.compile(r"^(?:.*?\.)?(\d+)\.(\w+(?:\.\w+)*)\.(lora_A|lora_B)$")
+
+
+def _module_of(path: str, module_shapes: dict[str, tuple[int, int]]) -> str | None:
+    """The longest module name in `module_shapes` that `path` (inside a layer) ends with."""
+    hits = [m for m in module_shapes if path == m or path.endswith("." + m)]
+    return max(hits, key=len) if hits else None
 
 
 @dataclass
@@ -72,11 +81,13 @@ def parse_lora(name: str, source: str, method: str, config: dict[str, Any], tens
         m = _KEY.match(key)
         if m is None:
             raise IncompatibleBaseError(f"adapter {name!r} ({source}): tensor {key!r} is not a LoRA weight of a "
-                                        f"decoder layer (expected '...layers.<i>.self_attn|mlp.<module>.lora_A|B')")
-        layer, mod, which = int(m.group(1)), m.group(2), m.group(3)
-        if mod not in module_shapes:
-            raise IncompatibleBaseError(f"adapter {name!r} ({source}): tensor {key!r} targets {mod!r}, which the "
-                                        f"serving engine cannot adapt.{did_you_mean(mod, module_shapes)}")
+                                        f"decoder layer (expected '...layers.<i>.<module>.lora_A|B')")
+        layer, path, which = int(m.group(1)), m.group(2), m.group(3)
+        mod = _module_of(path, module_shapes)
+        if mod is None:
+            hint = did_you_mean(path.split(".")[-1], module_shapes)
+            raise IncompatibleBaseError(f"adapter {name!r} ({source}): tensor {key!r} targets {path!r}, which the "
+                                        f"serving engine cannot adapt.{hint}")
         if layer >= num_layers:
             raise IncompatibleBaseError(f"adapter {name!r} ({source}): tensor {key!r} is for layer {layer} but the "
                                         f"base has {num_layers} layers")

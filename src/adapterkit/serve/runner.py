@@ -255,14 +255,49 @@ class ModelRunner:
             add_lora(y, x, w[0], w[1], None, plan)  # B is pre-scaled (LoraSlots)
 
 
-def make_runner(model: nn.Module, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> ModelRunner:
+#: use the fused `ModelRunner` for plain Llama / Mistral / Qwen2 (see `make_runner`); a switch
+#: so tests and benchmarks can compare the two paths
+FUSED_FAST_PATH = True
+
+
+def _fused_ok(model: nn.Module, max_model_len: int | None) -> bool:
+    """The fused runner computes exactly what the model computes: a supported architecture, no
+    adapter attached in Python (e.g. a PiSSA residual base with its adapter on top), and no
+    sliding window that a sequence of `max_model_len` tokens could reach."""
+    if type(model).__name__ not in SUPPORTED:
+        return False
+    st = model.__dict__.get("_adapterkit_state")
+    if st is not None and st.adapters:
+        return False
+    windows = {getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "layer_idx")}
+    if type(model).__name__ == "MistralForCausalLM":  # Mistral's window lives in its config only
+        windows.add(getattr(model.config, "sliding_window", None))
+    windows.discard(None)
+    return not windows or (max_model_len is not None and max_model_len <= min(windows))
+
+
+def make_runner(model: nn.Module, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                max_model_len: int | None = None) -> ModelRunner:
     """The runner the engine uses for `model` (one place decides, so new runners plug in here).
 
+    Every decoder-only causal LM runs through `hf_runner.HFModelRunner` (the model's own
+    modules); plain Llama / Mistral / Qwen2 without attached adapters, whose sliding window (if
+    any) `max_model_len` cannot reach, take the fused `ModelRunner` (faster: see
+    docs/serving.md; equal logits are tested in tests/serve/test_hf_runner.py).
+
+    Args:
+        model: a transformers causal LM.
+        dtype, device: what the runner computes in.
+        max_model_len: the longest sequence the engine admits (None: unknown).
+
     Raises:
-        UnsupportedModuleError: no runner can serve this model.
+        UnsupportedModuleError: no runner can serve this model (names the architecture).
     """
-    return ModelRunner(model, dtype=dtype, device=device)
+    if FUSED_FAST_PATH and _fused_ok(model, max_model_len):
+        return ModelRunner(model, dtype=dtype, device=device)
+    from adapterkit.serve.hf_runner import HFModelRunner
+
+    return HFModelRunner(model, dtype=dtype, device=device)  # type: ignore[return-value]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
