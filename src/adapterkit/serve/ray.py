@@ -6,9 +6,16 @@
 Two deployments:
 
 * ``EngineReplica`` (N replicas): each owns one `Engine`, built from the same `EngineConfig`
-  as a single-node server. Adapters are registered lazily, by Ray Serve's model multiplexing
-  (``@serve.multiplexed``): at most ``max_loras`` per replica, least recently used evicted
-  (evicting unregisters it from the engine, after its running requests finish).
+  as a single-node server. Two tiers per replica, as in S-LoRA: ``max_loras`` device slots
+  (the engine's own slot LRU) over a host-memory tier of ``max_cpu_loras`` adapters (default
+  `DEFAULT_HOST_LORAS`). The host tier is Ray Serve's model multiplexing
+  (``@serve.multiplexed(max_num_models_per_replica=max_cpu_loras)``): an adapter is read from
+  disk and registered in the engine on its first request to this replica (a cold load), stays
+  in host memory when the engine evicts it from its slot, and re-enters a slot from RAM (a
+  warm load) on its next request. Only when the host tier is full does the least recently
+  used adapter leave it (unregistered from the engine, after its running requests finish).
+  So the multiplexed ids a replica reports to Ray's router are its host-tier residents, and
+  a request goes back to a replica that holds its adapter in RAM, not only in a slot.
 * ``Ingress`` (one replica): the existing FastAPI app of `adapterkit.serve.server` (same
   routes, validation and error shapes) over `ReplicaEngine`, an `EngineProtocol` that sends
   each generation to a replica through a handle with ``multiplexed_model_id`` = the adapter's
@@ -22,7 +29,8 @@ the adapter on one replica and adds it to the catalog; each replica then loads i
 first request. ``unload_lora_adapter`` removes it from the catalog at once (new requests get
 404); replicas drop their copy by LRU. A name loaded again gets a new key (``name@N``), so a
 replica never serves a stale copy. ``GET /metrics`` sums the replicas (see `_Board`), and
-``GET /v1/replicas`` lists each replica's cold loads and resident adapters.
+``GET /v1/replicas`` lists per replica its cold loads (disk), warm loads (host -> slot), slot
+hits, host-tier evictions, host-tier residents and slot residents.
 """
 from __future__ import annotations
 
@@ -50,6 +58,11 @@ log = logging.getLogger("adapterkit.serve.ray")
 BOARD_NAMESPACE = "adapterkit"
 STALE_S = 5.0  # a replica silent this long (dead, or being replaced) leaves the sums
 _PUSH_S = 1.0
+# host-tier size when --max-cpu-loras is not given: generous (1,024 rank-16 LoRAs on q,k,v,o of
+# SmolLM2-135M are ~7.5 GB fp32; of a 7B model ~69 GB: set it there), but bounded, so a replica
+# that sees every adapter of a large catalog cannot grow without limit; size it as adapters x
+# `host_bytes` (see /v1/adapters)
+DEFAULT_HOST_LORAS = 1024
 
 
 # ----------------------------------------------------------------------------- shared state
@@ -85,7 +98,8 @@ class _Failure:
 
 
 class _Resident:
-    """One adapter registered in a replica's engine; unregistered when multiplexing evicts it."""
+    """One adapter in a replica's host tier (registered in its engine); unregistered when
+    multiplexing evicts it from the host tier."""
 
     def __init__(self, replica: _ReplicaBase, key: str) -> None:
         self.replica, self.key = replica, key
@@ -119,7 +133,7 @@ class _ReplicaBase:
         self.engine = Engine(hf, tok, cfg, model_name=served_model_name)
         self.unload_timeout = unload_timeout
         self.paths: dict[str, str] = {}  # key -> path of the adapters asked for
-        self.cold_loads = self.evictions = 0
+        self.cold_loads = self.evictions = 0  # disk reads; host-tier evictions
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.board = _board(app_name)
         self._pusher: asyncio.Task | None = None
@@ -138,7 +152,7 @@ class _ReplicaBase:
         raise NotImplementedError
 
     async def _load(self, key: str) -> _Resident:
-        """Register adapter `key` from its path (a cold load)."""
+        """Register adapter `key` from its path into the host tier (a cold load: a disk read)."""
         path = self.paths[key]
         await asyncio.get_running_loop().run_in_executor(None, self.engine.register_adapter, key, path)
         self.cold_loads += 1
@@ -146,11 +160,23 @@ class _ReplicaBase:
         await self._push()  # before answering: whoever reads the board next sees this load
         return res
 
+    def _report(self) -> dict[str, Any]:
+        """The counters this replica reports (engine calls: run it off the event loop).
+
+        Every cold load is followed by exactly one slot load (the first step of the request
+        that caused it), so the slot loads beyond the cold loads are warm loads, host -> slot.
+        A request aborted between its cold load and its first step leaves that slot load
+        undone: warm loads then read one low per such request."""
+        stats = self.engine.stats()
+        infos = self.engine.list_adapters()
+        return {"cold_loads": self.cold_loads, "warm_loads": max(0, stats.cache_misses - self.cold_loads),
+                "slot_hits": stats.cache_hits, "evictions": self.evictions,
+                "resident": [a.name for a in infos], "in_slots": [a.name for a in infos if a.loaded],
+                "stats": stats.to_dict()}
+
     async def _push(self) -> None:
-        stats = await asyncio.get_running_loop().run_in_executor(None, self.engine.stats)
-        names = [a.name for a in self.engine.list_adapters()]
-        await self.board.put.remote(self.replica_id, {"cold_loads": self.cold_loads, "evictions": self.evictions,
-                                                      "resident": names, "stats": stats.to_dict()})
+        row = await asyncio.get_running_loop().run_in_executor(None, self._report)
+        await self.board.put.remote(self.replica_id, row)
 
     async def _push_forever(self) -> None:
         while True:
@@ -212,17 +238,18 @@ class _ReplicaBase:
 _REPLICA_CLASSES: dict[int, type] = {}
 
 
-def replica_class(slots: int) -> type:
-    """An engine replica class whose multiplexed loader keeps at most `slots` adapters (the
-    limit of ``@serve.multiplexed`` is fixed when the method is decorated)."""
-    if slots not in _REPLICA_CLASSES:
+def replica_class(host_loras: int) -> type:
+    """An engine replica class whose multiplexed loader (the host tier) keeps at most
+    `host_loras` adapters (the limit of ``@serve.multiplexed`` is fixed when the method is
+    decorated)."""
+    if host_loras not in _REPLICA_CLASSES:
         class EngineReplica(_ReplicaBase):
-            @serve.multiplexed(max_num_models_per_replica=slots)
+            @serve.multiplexed(max_num_models_per_replica=host_loras)
             async def load_adapter(self, key: str) -> _Resident:
                 return await self._load(key)
 
-        _REPLICA_CLASSES[slots] = EngineReplica
-    return _REPLICA_CLASSES[slots]
+        _REPLICA_CLASSES[host_loras] = EngineReplica
+    return _REPLICA_CLASSES[host_loras]
 
 
 # ----------------------------------------------------------------------------- ingress side
@@ -328,7 +355,8 @@ class ReplicaEngine:
                                            + did_you_mean(name, list(self.catalog)))
 
     def replicas(self) -> list[dict[str, Any]]:
-        """Each live replica's report: replica id, cold_loads, evictions, resident keys, stats."""
+        """Each live replica's report: replica id, cold_loads (disk), warm_loads (host -> slot),
+        slot_hits, evictions (host tier), resident (host-tier keys), in_slots, engine stats."""
         import ray
 
         return ray.get(self.board.read.remote(STALE_S))
@@ -338,7 +366,8 @@ class ReplicaEngine:
                            loaded=e.key in resident, slot=None, running_requests=0, host_bytes=0)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        resident = {k for r in self.replicas() for k in r["resident"]}
+        """The catalog; ``loaded``: in a device slot of some replica (as on one engine)."""
+        resident = {k for r in self.replicas() for k in r.get("in_slots", ())}
         return [self._info(n, e, resident) for n, e in sorted(self.catalog.items())]
 
     def stats(self) -> EngineStats:
@@ -379,7 +408,8 @@ class Ingress:
 
         @app.get("/v1/replicas")
         async def replicas() -> dict[str, Any]:
-            """Each live replica: id, cold_loads, evictions, resident adapter keys, engine stats."""
+            """Each live replica: id, cold/warm loads, slot hits, host-tier evictions, host-tier and
+            slot residents, engine stats."""
             return {"object": "list", "data": await anyio.to_thread.run_sync(self.engine.replicas)}
 
         return app
@@ -401,7 +431,9 @@ def build_ray_app(args: argparse.Namespace, *, replicas: int = 2, replica_cpus: 
     """The Ray Serve application for parsed ``adapterkit serve`` arguments.
 
     Args:
-        args: ``adapterkit serve`` arguments (``--model``, ``--adapter-root``, ``--max-loras``...).
+        args: ``adapterkit serve`` arguments (``--model``, ``--adapter-root``, ``--max-loras``
+            = device slots per replica, ``--max-cpu-loras`` = host tier per replica, default
+            `DEFAULT_HOST_LORAS`...).
         replicas: engine replicas.
         replica_cpus: CPUs Ray reserves per replica (torch threads = this, at least 1).
         multiplex: route by adapter; False routes every request to any replica (baseline).
@@ -409,20 +441,26 @@ def build_ray_app(args: argparse.Namespace, *, replicas: int = 2, replica_cpus: 
     Returns:
         A bound application for ``serve.run``.
     Raises:
-        ConfigError: bad ``--adapter`` specs, a name found twice, ``replicas < 1``.
+        ConfigError: bad ``--adapter`` specs, a name found twice, ``replicas < 1``, a host
+            tier smaller than the device slots.
     """
     from adapterkit.serve.cli import base_model_name, discover_adapters, engine_config, parse_adapter_specs
 
     if replicas < 1:
         raise ConfigError(f"--replicas: must be >= 1, got {replicas}")
+    host_loras = DEFAULT_HOST_LORAS if args.max_cpu_loras is None else args.max_cpu_loras
+    if host_loras < args.max_loras:
+        raise ConfigError(f"--max-cpu-loras: under --ray it is each replica's host tier and must hold at least "
+                          f"the {args.max_loras} device slots (--max-loras), got {host_loras}")
     explicit = parse_adapter_specs(args.adapter)
     clash = sorted(set(explicit) & set(discover_adapters(args.adapter_root)))
     if clash:
         raise ConfigError(f"--adapter: {clash} also found under --adapter-root; use another name")
     cfg = dataclasses.asdict(engine_config(args))
+    cfg["max_cpu_loras"] = None  # the engine keeps what it holds: the multiplexed LRU bounds the host tier
     name = base_model_name(args)
     model = args.model if args.model == "default" else os.path.realpath(args.model)
-    rep = serve.deployment(replica_class(args.max_loras), name="EngineReplica", num_replicas=replicas,
+    rep = serve.deployment(replica_class(host_loras), name="EngineReplica", num_replicas=replicas,
                            max_ongoing_requests=args.max_num_seqs,
                            # Ray hides GPUs from actors that reserve none: one per CUDA replica
                            ray_actor_options={"num_cpus": replica_cpus,
@@ -475,4 +513,4 @@ def run_ray(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Ingress", "ReplicaEngine", "app_builder", "build_ray_app", "replica_class", "run_ray"]
+__all__ = ["DEFAULT_HOST_LORAS", "Ingress", "ReplicaEngine", "app_builder", "build_ray_app", "replica_class", "run_ray"]
