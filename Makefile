@@ -58,7 +58,7 @@ serve-demo: $(STAMP)
 test: test-main test-compat
 
 test-main: $(STAMP) $(AH_STAMP)
-	$(PY) -c "import peft, openai, schemathesis, mkdocstrings_handlers.python, lm_eval, tenacity, triton, ray.serve"  # no silent skips
+	$(PY) -c "import peft, openai, python_multipart, schemathesis, mkdocstrings_handlers.python, lm_eval, tenacity, triton, ray.serve"  # no silent skips
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 COMPAT_TESTS := tests/methods/test_prefix.py tests/methods/test_prompt.py tests/methods/test_cache_arg.py \

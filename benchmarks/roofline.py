@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             t_c, t_m = flops / peaks[d], nbytes / mem
             floor = max(t_c, t_m)
             step = measure_step(model, c, a.ctx, d, a.steps)
-            print(f"  {d:9s} {c.label():16s} {flops / 1e9:7.2f} {nbytes / 1e6:7.1f} {floor * 1e3:9.2f} "
-                  f"{'flops' if t_c >= t_m else 'memory':>6s} {step * 1e3:8.2f} {step / floor:9.2f}x "
+            print(f"  {d:9s} {c.label():16s} {flops / 1e9:7.2f} {nbytes / 1e6:7.1f} {floor * 1e3:9.4g} "
+                  f"{'flops' if t_c >= t_m else 'memory':>6s} {step * 1e3:8.4g} {step / floor:9.2f}x "
                   f"{flops / step / 1e9:8.1f}")
 
 

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 pytest.importorskip("fastapi")
-pytest.importorskip("multipart")  # python-multipart: starlette's form parser
+import python_multipart  # noqa: E402,F401  python-multipart (the serve extra): starlette's form parser; never skip
 
 from test_server_utils import API_KEY, MAX_LORA_RANK, Served, serve_cli, serve_tree  # noqa: E402
 
@@ -125,8 +125,9 @@ def wait_job(c: openai.OpenAI, jid: str, until: tuple[str, ...] = ("succeeded", 
 def test_job_lifecycle_events_checkpoints_and_the_model_answers(srv: Served) -> None:
     c = srv.client()
     f = upload(c, jsonl(CHAT))
+    v = upload(c, jsonl(PROMPTS), "valid.jsonl")
     job = c.fine_tuning.jobs.create(
-        model=srv.base, training_file=f.id, suffix="demo", seed=3,
+        model=srv.base, training_file=f.id, validation_file=v.id, suffix="demo", seed=3,
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 0.5}}},
         extra_body={"adapter": {"method": "lora", "r": 4, "alpha": 8}})
@@ -156,6 +157,7 @@ def test_job_lifecycle_events_checkpoints_and_the_model_answers(srv: Served) -> 
     for k in ckpts:
         assert k.fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-{k.step_number}"
         assert k.fine_tuning_job_id == job.id and k.metrics.train_loss is not None
+        assert k.metrics.valid_loss is not None and k.metrics.valid_loss > 0  # on the validation file
         out = c.completions.create(model=k.fine_tuned_model_checkpoint, prompt="x", max_tokens=2, temperature=0)
         assert out.model == k.fine_tuned_model_checkpoint
     listed = [j.id for j in c.fine_tuning.jobs.list(limit=1)]
@@ -293,6 +295,16 @@ def test_server_killed_mid_job_resumes_with_the_uninterrupted_loss_curve(srv: Se
                 assert e.data["train_loss"] == pytest.approx(want[e.data["step"]], abs=1e-4), e.data["step"]
         r = c.completions.create(model=done.fine_tuned_model, prompt="say ok", max_tokens=3, temperature=0)
         assert r.model == done.fine_tuned_model
+
+        p.kill()  # once more, after success: a new server serves what the job produced
+        p.wait(30)
+        p = _start(cmd, port, log)
+        assert c.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+        ckpt = next(iter(c.fine_tuning.jobs.checkpoints.list(job.id))).fine_tuned_model_checkpoint
+        for model in (done.fine_tuned_model, ckpt):
+            again = c.completions.create(model=model, prompt="say ok", max_tokens=3, temperature=0)
+            assert again.model == model
+        assert again.choices[0].text == r.choices[0].text  # the newest checkpoint is the final adapter
     finally:
         p.kill()
         p.wait(30)
