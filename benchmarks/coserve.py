@@ -4,6 +4,7 @@ the same engine, on the real default model (SmolLM2-135M-Instruct, fp32).
     .venv/bin/python benchmarks/coserve.py                  # 2 threads, 48 requests per run
     .venv/bin/python benchmarks/coserve.py --requests 24    # shorter
     .venv/bin/python benchmarks/coserve.py --tiny           # random toy model smoke run
+    .venv/bin/python benchmarks/coserve.py --ft-time-share 0.1 --ft-token-share 0.1   # the knobs
 
 Trace: 100 registered adapters (ranks 8/16/32 on q,k,v,o), power-law popularity, Poisson
 arrivals, prompt and output lengths U[8, 64] (benchmarks/trace.py's generator). The engine's
@@ -168,7 +169,7 @@ def activation_bytes(model, tok, data: list[dict], rows: int) -> tuple[int, int]
         ak.delete_adapter(model, "mem")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=48, help="requests per trace run")
     ap.add_argument("--adapters", type=int, default=100)
@@ -176,7 +177,9 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=20.0, help="how long the idle-engine job is timed")
     ap.add_argument("--trainer-steps", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="random toy model (smoke run)")
-    args = ap.parse_args()
+    ap.add_argument("--ft-token-share", type=float, default=None, help="EngineConfig.ft_token_share (default: its)")
+    ap.add_argument("--ft-time-share", type=float, default=None, help="EngineConfig.ft_time_share (default: its)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tiny:
         model, tok = build_model(2, True), None
@@ -192,8 +195,10 @@ def main() -> None:
     V = model.config.vocab_size
     tmp = Path(tempfile.mkdtemp(prefix="adapterkit-coserve-"))
     files = adapter_files(model, 24, tmp / "adapters", RANKS)
+    shares = {k: v for k, v in (("ft_token_share", args.ft_token_share), ("ft_time_share", args.ft_time_share))
+              if v is not None}
     cfg = EngineConfig(max_loras=32, max_num_seqs=32, max_lora_rank=32, max_num_batched_tokens=512,
-                       pool_bytes=512 << 20, fine_tuning=True, fine_tuning_dir=str(tmp / "ft"))
+                       pool_bytes=512 << 20, fine_tuning=True, fine_tuning_dir=str(tmp / "ft"), **shares)
     eng = Engine(model, tok, cfg, model_name=name)
     for i in range(args.adapters):
         eng.register_adapter(f"ad{i}", str(files[i % len(files)]))
