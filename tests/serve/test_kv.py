@@ -27,6 +27,27 @@ def test_pool_alloc_free_and_kinds():
     assert pool.pages_for(1) == 1 and pool.pages_for(pool.page_bytes + 1) == 2
 
 
+def test_pool_evicts_cached_pages_before_reclaiming_adapters():
+    """Cached KV pages (prefix cache, no sequence holds them) are taken back first, on every
+    allocation; the adapter reclaim hook runs only for what is still missing."""
+    pool = UnifiedPool(1, 1, 2, block_size=2, num_pages=4)
+    pages = pool.alloc(4, "kv")
+    pool.recharge(2, "kv", "cached")
+    assert pool.used("kv") == 2 and pool.used("cached") == 2 and pool.num_free == 0
+    cached, calls = pages[2:], []
+
+    def evict(n):
+        calls.append(("evict", n))
+        out = [cached.pop() for _ in range(min(n, len(cached)))]
+        pool.free(out, "cached")
+        return len(out)
+
+    pool.evict, pool.reclaim = evict, lambda n: calls.append(("reclaim", n)) or 0
+    assert pool.alloc(1, "adapter", reclaim=False) is not None and calls == [("evict", 1)]
+    assert pool.alloc(3, "kv") is None and calls[1:] == [("evict", 3), ("reclaim", 2)]
+    assert pool.used("cached") == 0 and pool.num_free == 1 and pool.used("adapter") == 1
+
+
 def test_kv_rows_map_positions_to_pages():
     pool = UnifiedPool(1, 1, 2, block_size=4, num_pages=8)
     kv = PagedKVCache(pool)

@@ -382,6 +382,8 @@ def test_metrics_parse_and_move(srv: Served) -> None:
     for name in ("adapterkit_queue_length", "adapterkit_running_requests", "adapterkit_tokens_per_second",
                  "adapterkit_pool_pages_kv", "adapterkit_pool_pages_adapter", "adapterkit_adapter_cache_hits_total",
                  "adapterkit_adapter_cache_misses_total", "adapterkit_adapter_cache_evictions_total",
+                 "adapterkit_pool_pages_cached", "adapterkit_prefix_cache_queries_total",
+                 "adapterkit_prefix_cache_hits_total",
                  "adapterkit_time_to_first_token_seconds_count", "adapterkit_time_per_output_token_seconds_count"):
         assert name in m0, name
     c = srv.client()

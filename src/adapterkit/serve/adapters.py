@@ -12,6 +12,7 @@ Tiers, as in S-LoRA:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -48,7 +49,12 @@ def _module_of(path: str, module_shapes: dict[str, tuple[int, int]]) -> str | No
 
 @dataclass
 class HostAdapter:
-    """A validated LoRA adapter. weights: (layer, module) -> A (r, in), B (out, r), fp32."""
+    """A validated LoRA adapter. weights: (layer, module) -> A (r, in), B (out, r), fp32.
+
+    reg_id: this registration's identity, set by `AdapterStore.register` and never reused. The
+    prefix cache keys K/V by it, not by the name: an adapter unregistered and registered again
+    under the same name (other weights) must never hit the old K/V.
+    """
 
     name: str
     source: str
@@ -58,6 +64,7 @@ class HostAdapter:
     targets: tuple[str, ...]
     nbytes: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = field(repr=False, default=None)
+    reg_id: int = 0
 
 
 def parse_lora(name: str, source: str, method: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -124,6 +131,7 @@ class AdapterStore:
         self._resident: OrderedDict[str, None] = OrderedDict()  # names with host tensors, LRU order
         self._lock = threading.RLock()
         self.cold_loads: list[float] = []  # seconds per disk read after registration
+        self._reg_ids = itertools.count(1)  # HostAdapter.reg_id of each registration
 
     def _read(self, name: str, source: str | Path | Any) -> HostAdapter:
         if isinstance(source, (str, Path)):
@@ -146,6 +154,7 @@ class AdapterStore:
         with self._lock:
             if name in self._adapters:
                 raise DuplicateAdapterError(f"adapter {name!r} is already registered")
+            ad.reg_id = next(self._reg_ids)
             self._adapters[name] = ad
             self._touch(name)
         return ad

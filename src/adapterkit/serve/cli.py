@@ -52,6 +52,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default="cpu")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed under the same adapter (default on)")
     s.add_argument("--api-key", default=os.environ.get("ADAPTERKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $ADAPTERKIT_API_KEY)")
     s.add_argument("--unload-timeout", type=float, default=600.0,
@@ -150,7 +152,8 @@ def engine_config(args: argparse.Namespace) -> Any:
               "ft_time_share": args.ft_time_share}
     return EngineConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_queue=args.max_queue,
                         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
-                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device, **ft)
+                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
+                        enable_prefix_caching=args.enable_prefix_caching, **ft)
 
 
 def state_dir(args: argparse.Namespace) -> Path:

@@ -359,7 +359,9 @@ class Engine:
                 elif not self._cv.wait_for(lambda: not users(), timeout=timeout):
                     raise TimeoutError(f"adapter {name!r} still has {len(users())} requests after {timeout} s")
                 self.cache.remove(name)
-                self.store.unregister(name)
+                # its cached K/V can never be hit again (a new registration gets a new reg_id):
+                # give the pages back now rather than when they age out
+                self.kv.forget(self.store.unregister(name).reg_id)
             finally:
                 self._closing.discard(name)
 
@@ -389,4 +391,6 @@ class Engine:
                 tpot_p99_s=_pct(tpots, 0.99), adapters_registered=len(self.store), adapter_slots=self.config.max_loras,
                 adapter_slots_used=len(c.slot_of), cache_hits=c.hits, cache_misses=c.misses,
                 cache_evictions=c.evictions, pool_pages_total=self.pool.num_pages, pool_pages_kv=self.pool.used("kv"),
-                pool_pages_adapter=self.pool.used("adapter"), pool_pages_free=self.pool.num_free)
+                pool_pages_adapter=self.pool.used("adapter"), pool_pages_cached=self.pool.used("cached"),
+                pool_pages_free=self.pool.num_free, prefix_cache_queries=self.scheduler.prefix_queries,
+                prefix_cache_hits=self.scheduler.prefix_hits)

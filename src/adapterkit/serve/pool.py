@@ -13,6 +13,10 @@ What is paged, exactly:
     keeps the kernels simple while KV and adapters still compete for one memory budget:
     a sequence that needs KV pages can evict idle adapters (`reclaim` hook), and an adapter
     load waits when KV holds every page.
+  * With automatic prefix caching (`serve/kv.py`) a KV page that no sequence uses any more but
+    whose tokens are cached stays allocated, charged as "cached" rather than "kv". Cached
+    pages are the first thing any allocation takes back (`evict` hook, before `reclaim`), so
+    they are free memory that may still save a prefill.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-KINDS = ("kv", "adapter")
+KINDS = ("kv", "adapter")  # what alloc() hands out; "cached" pages are KV pages moved with recharge()
 
 
 class UnifiedPool:
@@ -38,10 +42,13 @@ class UnifiedPool:
         self.kv = torch.zeros(num_layers, 2, num_pages * block_size, num_kv_heads, head_dim, dtype=dtype,
                               device=device)
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # a stack: low ids first
-        self._used = {k: 0 for k in KINDS}
+        self._used = {k: 0 for k in (*KINDS, "cached")}
         self._lock = threading.Lock()
-        # called with the number of missing pages when an allocation falls short; returns
-        # pages it freed (the adapter cache evicts idle adapters here)
+        # called with the number of missing pages when an allocation falls short; each returns
+        # the pages it freed. `evict` runs first, on every allocation (the KV cache drops cached
+        # pages no sequence uses); `reclaim` then, unless the caller opts out (the adapter
+        # cache evicts idle adapters)
+        self.evict: Callable[[int], int] | None = None
         self.reclaim: Callable[[int], int] | None = None
 
     @staticmethod
@@ -71,9 +78,11 @@ class UnifiedPool:
 
     def alloc(self, n: int, kind: str, reclaim: bool = True) -> list[int] | None:
         """`n` page ids for `kind` ("kv" or "adapter"), or None if the pool cannot supply them even
-        after the reclaim hook ran (nothing is allocated then)."""
+        after the evict and reclaim hooks ran (nothing is allocated then)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if n > len(self._free) and self.evict is not None:
+            self.evict(n - len(self._free))  # outside the lock: it calls free()
         if n > len(self._free) and reclaim and self.reclaim is not None:
             self.reclaim(n - len(self._free))  # runs outside the lock: it calls free()
         with self._lock:
@@ -88,6 +97,14 @@ class UnifiedPool:
             self._free.extend(reversed(pages))
             self._used[kind] -= len(pages)
             assert self._used[kind] >= 0, "double free"
+
+    def recharge(self, n: int, src: str, dst: str) -> None:
+        """Move the charge of `n` allocated pages from kind `src` to `dst` (a KV page becoming
+        cached when its last sequence lets go, or used again by a prefix-cache hit)."""
+        with self._lock:
+            self._used[src] -= n
+            self._used[dst] += n
+            assert self._used[src] >= 0, f"more {src} pages moved than held"
 
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows of one layer: each (num_pages * block_size, num_kv_heads, head_dim)."""

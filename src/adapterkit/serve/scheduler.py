@@ -6,6 +6,10 @@ token each), then prefill chunks. A sequence's pending tokens are always
 `all_ids[num_computed:]`, so prefill, chunked prefill, decode and re-compute after preemption
 are the same code path. When the KV pool is out of pages the most recently admitted sequence
 is preempted (its pages freed, it goes back to the queue front and is recomputed later).
+
+With automatic prefix caching, admission starts a sequence after the longest cached run of its
+prompt's full blocks (`num_computed` > 0, the same chunked-prefill path), and every step
+publishes the full prompt blocks it completed (`serve/kv.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterkit.serve.adapters import SlotCache
-from adapterkit.serve.kv import PagedKVCache
+from adapterkit.serve.kv import PagedKVCache, block_keys
 from adapterkit.serve.runner import ModelRunner, StepInput
 from adapterkit.serve.sampling import OutputState, raw_logprobs, sample_tokens, token_logprobs
 from adapterkit.serve.types import EngineConfig, GenerationChunk, GenerationRequest, TokenLogprob, Usage
@@ -40,6 +44,10 @@ class Sequence:
     # recomputed prefill does not compute them again. None until the first prefill chunk.
     prompt_lps: list[TokenLogprob] | None = None
     prompt_lps_sent: bool = False
+    # prefix caching: the keys of the prompt's full blocks and the adapter identity they are
+    # under (None: the base), set at the first admission
+    block_keys: list[bytes] | None = None
+    adapter_id: int | None = None
 
     @property
     def rid(self) -> str:
@@ -84,6 +92,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.on_finish: Callable[[Sequence], None] = lambda s: None
         self.preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found in the prefix cache
 
     # ------------------------------------------------------------------ membership
     def add(self, seq: Sequence) -> None:
@@ -137,24 +146,56 @@ class Scheduler:
         self.preemptions += 1
 
     # ------------------------------------------------------------------ one iteration
+    def _reuse_prefix(self, seq: Sequence) -> bool:
+        """Share the cached pages of the longest cached run of `seq`'s full prompt blocks and
+        start computing after them; True if the prefix cache was looked up.
+
+        At most (prompt length - 1) // block_size blocks: at least one prompt token is computed,
+        so the step has logits to sample from. A request that wants prompt log-probs skips the
+        lookup (it needs the logits of every prompt position) but still publishes its blocks.
+        """
+        if not self.config.enable_prefix_caching:
+            return False
+        if seq.block_keys is None:
+            seq.adapter_id = None if seq.adapter is None else self.cache.store.get(seq.adapter).reg_id
+            seq.block_keys = block_keys(seq.prompt_ids, self.kv.block_size, seq.adapter_id)
+        if seq.out.params.prompt_logprobs is not None:
+            return False
+        n = self.kv.share_prefix(seq.rid, seq.block_keys[:(len(seq.prompt_ids) - 1) // self.kv.block_size])
+        seq.num_computed = n * self.kv.block_size
+        return True
+
+    def _unadmit(self, seq: Sequence) -> None:
+        """Undo `_reuse_prefix` for a sequence that goes back to the queue."""
+        self.kv.free(seq.rid)
+        seq.num_computed = 0
+
     def _admit(self) -> None:
         cfg = self.config
+        pool = self.kv.pool
         skipped: list[Sequence] = []
         while self.waiting and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting.popleft()
-            # the whole prompt must fit in the free pages (after reclaiming idle adapters)
+            looked_up = self._reuse_prefix(seq)
+            # the whole prompt must fit in the free and evictable cached pages (after reclaiming
+            # idle adapters); the cached pages are evicted when the pages are allocated
             need = self.kv.pages_needed(seq.rid, len(seq.all_ids) + 1)
-            if need > self.kv.pool.num_free and self.kv.pool.reclaim is not None:
-                self.kv.pool.reclaim(need - self.kv.pool.num_free)
-            if need > self.kv.pool.num_free:
+            if need > pool.num_free + pool.used("cached") and pool.reclaim is not None:
+                pool.reclaim(need - pool.num_free - pool.used("cached"))
+            if need > pool.num_free + pool.used("cached"):
+                self._unadmit(seq)
                 self.waiting.appendleft(seq)
                 break
             if seq.adapter is not None:
                 slot = self.cache.acquire(seq.adapter, protect={s.adapter for s in self.running if s.adapter})
                 if slot is None:  # every slot is held by running requests: let others go first
+                    self._unadmit(seq)
                     skipped.append(seq)
                     continue
                 seq.slot = slot
+            if looked_up:
+                self.prefix_queries += len(seq.prompt_ids)
+                self.prefix_hits += seq.num_computed
             self.running.append(seq)
         self.waiting.extendleft(reversed(skipped))
         if cfg.prefetch and self.waiting:
@@ -222,7 +263,12 @@ class Scheduler:
                          torch.tensor(ctx_lens), torch.tensor(slots, dtype=torch.int64),
                          torch.tensor(sample_rows + lp_rows, dtype=torch.int64))
         all_logits = self.runner.forward(step, self.kv.pool, self.cache.slots)
+        bs = self.kv.block_size
         for seq, n in batch:
+            # publish the full prompt blocks this step completed (generated tokens are not cached)
+            if seq.block_keys is not None and seq.num_computed < len(seq.prompt_ids):
+                self.kv.publish(seq.rid, seq.block_keys, seq.num_computed // bs,
+                                min(seq.num_computed + n, len(seq.prompt_ids)) // bs, seq.adapter_id)
             seq.num_computed += n
         logits = all_logits[:len(sample_rows)]
         if lp_rows:

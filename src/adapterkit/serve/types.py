@@ -63,6 +63,9 @@ class EngineConfig:
     device: str = "cpu"
     prefetch: bool = True  # load adapters of queued requests into free slots ahead of time
     seed: int = 0  # seed for requests without their own seed
+    # Automatic prefix caching (vLLM's APC, `serve/kv.py`): full prompt blocks computed once are
+    # reused by later requests with the same leading tokens under the same adapter registration.
+    enable_prefix_caching: bool = True
     # Co-serving (adapterkit.serve.coserve): fine-tuning jobs trained inside the engine loop.
     fine_tuning: bool = False  # accept jobs (engine.fine_tuning is a CoServe)
     fine_tuning_dir: str | None = None  # (or a Path) job dirs (checkpoints, final adapters); required with fine_tuning
@@ -85,6 +88,8 @@ class EngineConfig:
                "max_cpu_loras", f"must be None or an int >= 1, got {self.max_cpu_loras!r}")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
                f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        _check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+               f"must be true or false, got {self.enable_prefix_caching!r}")
         _check(isinstance(self.fine_tuning, bool), "fine_tuning", f"must be true or false, got {self.fine_tuning!r}")
         _check(not self.fine_tuning or (self.fine_tuning_dir is not None and str(self.fine_tuning_dir) != ""),
                "fine_tuning_dir", f"must name a directory when fine_tuning is on, got {self.fine_tuning_dir!r}")
@@ -289,10 +294,13 @@ class EngineStats:
     cache_hits: int
     cache_misses: int
     cache_evictions: int
-    pool_pages_total: int
-    pool_pages_kv: int
+    pool_pages_total: int  # = kv + adapter + cached + free
+    pool_pages_kv: int  # held by requests
     pool_pages_adapter: int
+    pool_pages_cached: int  # prefix-cache pages no request holds (evicted on demand)
     pool_pages_free: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens whose K/V came from the cache
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
