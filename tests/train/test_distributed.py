@@ -117,7 +117,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 # The Python API under torchrun, with FSDP2: the same model, adapter and config as train_args()
 FSDP_SCRIPT = """
-import json, sys
+import json, os, sys
 import torch
 from torch.distributed.tensor import DTensor
 import adapterkit as ak
@@ -134,12 +134,16 @@ trainer = Trainer(model, d + "/train.jsonl", eval_data=d + "/eval.jsonl", config
                   adapter_name="lora")
 res = trainer.train()
 frozen = [p for p in model.parameters() if not p.requires_grad]
-print("REPORT " + json.dumps({
+report = "REPORT " + json.dumps({
     "rank": trainer.dist.rank, "final_loss": res.final_loss,
     "frozen_dtensors": sum(isinstance(p, DTensor) for p in frozen), "frozen": len(frozen),
     "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in frozen),
     "full": sum(p.numel() for p in frozen),
-    "trainable_dtensors": sum(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)}))
+    "trainable_dtensors": sum(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)}) + "\\n"
+# both ranks share torchrun's stdout pipe: one write() of a whole line (< PIPE_BUF) is atomic,
+# a buffered print may be split and interleave with the other rank's line
+sys.stdout.flush()
+os.write(1, report.encode())
 """
 
 
