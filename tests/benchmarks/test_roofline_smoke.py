@@ -44,7 +44,8 @@ def test_each_distinct_adapter_adds_its_weights_once():
 def test_peaks_are_positive_and_finite():
     import torch
 
-    assert 0 < roofline.matmul_peak(torch.float32, 64, 2) < 1e15
+    peaks = roofline.matmul_peak(torch.float32, 64, 2)
+    assert "torch.mm" in peaks and all(0 < v < 1e15 for v in peaks.values())
     bw = roofline.bandwidth(1 << 20, 2)
     assert set(bw) == {"copy", "sum"} and all(0 < v < 1e14 for v in bw.values())
 

@@ -70,3 +70,32 @@ def test_make_runner_takes_the_fused_path_only_where_it_is_exact():
     assert type(make_runner(attached)) is HFModelRunner  # the fused copies would ignore it
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     assert type(make_runner(gpt2)) is HFModelRunner
+
+
+def test_fused_runner_shares_the_base_weights_instead_of_copying_them():
+    """Same dtype and device: q/k/v and gate/up become views of the runner's stacked weights (one
+    copy of the base), and the model computes exactly what it did."""
+    from adapterkit.serve.runner import ModelRunner
+
+    m = _model("qwen2")
+    x = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        before = m(x).logits
+    r = ModelRunner(m)
+    for layer, lw in zip(m.model.layers, r.layers):
+        at, mlp = layer.self_attn, layer.mlp
+        for w in (at.q_proj.weight, at.k_proj.weight, at.v_proj.weight):
+            assert w.untyped_storage().data_ptr() == lw.w_qkv.untyped_storage().data_ptr()
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            assert w.untyped_storage().data_ptr() == lw.w_gu.untyped_storage().data_ptr()
+        torch.testing.assert_close(lw.w_qkv[at.q_proj.out_features:][:at.k_proj.out_features], at.k_proj.weight,
+                                   rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, before)
+    # another dtype: the runner's copy is its own, the model's weights are untouched
+    m2 = _model("llama")
+    w0 = m2.model.layers[0].self_attn.q_proj.weight
+    ptr = w0.data_ptr()
+    r2 = ModelRunner(m2, dtype=torch.bfloat16)
+    assert w0.data_ptr() == ptr and w0.dtype == torch.float32
+    assert r2.layers[0].w_qkv.dtype == torch.bfloat16

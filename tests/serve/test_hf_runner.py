@@ -168,8 +168,9 @@ def _steps(bs: int, slots_of: list[int]):
     return steps
 
 
+@pytest.mark.parametrize("prepack", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_runner_equals_generic_runner(arch):
+def test_fused_runner_equals_generic_runner(arch, prepack):
     from _engine_utils import make_lora
 
     from adapterkit.serve.adapters import AdapterStore, LoraSlots
@@ -179,7 +180,7 @@ def test_fused_runner_equals_generic_runner(arch):
     torch.manual_seed(2)
     m, _, _ = _build(arch)
     _with_random_weights(m, arch)
-    fused, generic = ModelRunner(m), HFModelRunner(m)
+    fused, generic = ModelRunner(m, prepack=prepack), HFModelRunner(m)  # prepack: oneDNN's weight layout
     assert fused.module_shapes() == generic.module_shapes()
     store = AdapterStore(fused.module_shapes(), 2, 8)
     slots = LoraSlots(2, fused.module_shapes(), torch.float32, "cpu")
@@ -203,7 +204,8 @@ def _attn_case(draw):
     kvh = draw(st.sampled_from([1, 2, 4]))
     window = draw(st.one_of(st.none(), st.integers(1, 6)))
     softcap = draw(st.one_of(st.none(), st.floats(0.5, 5.0)))
-    return q_lens, ctx, bs, kvh, window, softcap, draw(st.integers(0, 2**16))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))  # bf16 computes in fp32 on CPU
+    return q_lens, ctx, bs, kvh, window, softcap, dtype, draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=60, deadline=None)
@@ -211,7 +213,7 @@ def _attn_case(draw):
 def test_paged_attention_matches_reference(case):
     from adapterkit.serve.attention import build_meta, paged_attention, paged_attention_ref
 
-    q_lens, ctx, bs, kvh, window, softcap, seed = case
+    q_lens, ctx, bs, kvh, window, softcap, dtype, seed = case
     g = torch.Generator().manual_seed(seed)
     H, hd = 4, 8
     P = max(-(-c // bs) for c in ctx)
@@ -219,12 +221,34 @@ def test_paged_attention_matches_reference(case):
     tables = [perm[i * P:(i + 1) * P] for i in range(len(ctx))]
     rows = [tables[i][p // bs] * bs + p % bs for i, (q, c) in enumerate(zip(q_lens, ctx)) for p in range(c - q, c)]
     T = sum(q_lens)
-    q, k, v = (torch.randn(T, n, hd, generator=g) for n in (H, kvh, kvh))
-    cache = torch.randn(2, (len(ctx) * P + 2) * bs, kvh, hd, generator=g)  # old context: random
+    q, k, v = (torch.randn(T, n, hd, generator=g).to(dtype) for n in (H, kvh, kvh))
+    cache = torch.randn(2, (len(ctx) * P + 2) * bs, kvh, hd, generator=g).to(dtype)  # old context: random
     c1, c2 = cache.clone(), cache.clone()
     meta = build_meta(torch.tensor(q_lens), torch.tensor(ctx), torch.tensor(tables), torch.tensor(rows), bs)
     got = paged_attention(q, k, v, c1[0], c1[1], meta, scaling=0.3, sliding_window=window, softcap=softcap)
     want = paged_attention_ref(q, k, v, c2[0], c2[1], q_lens, ctx, tables, rows, bs, scaling=0.3,
                                sliding_window=window, softcap=softcap)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the fp32 result
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     assert torch.equal(c1, c2)
+
+
+def test_fused_runner_in_bf16_matches_generic_runner_in_bf16():
+    """An fp32 model served in bf16: the fused runner's own converted weights are prepacked for
+    oneDNN (ops.linear); logits still match the generic runner's (the model's modules in bf16)."""
+    from adapterkit.serve.pool import UnifiedPool
+    from adapterkit.serve.runner import ModelRunner
+
+    torch.manual_seed(4)
+    m, _, _ = _build("llama")
+    _with_random_weights(m, "llama")
+    fused = ModelRunner(m, dtype=torch.bfloat16)
+    assert fused.layers[0].w_qkv.is_mkldnn and fused.lm_head.is_mkldnn
+    assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the model is untouched
+    generic = HFModelRunner(copy.deepcopy(m), dtype=torch.bfloat16)
+    pools = [UnifiedPool(2, 2, 16, 4, 12, torch.bfloat16) for _ in range(2)]
+    for step in _steps(4, [-1, -1, -1]):
+        a, b = fused.forward(step, pools[0]), generic.forward(step, pools[1])
+        torch.testing.assert_close(a, b, atol=0.15, rtol=0.05)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9

@@ -105,9 +105,31 @@ def build_meta(q_lens: torch.Tensor, ctx_lens: torch.Tensor, ctx_pages: torch.Te
     return PagedMeta(cache_rows.to(device), block_size, groups)
 
 
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor, num_seqs: int, ctx: int, block_size: int) -> torch.Tensor:
+    """One layer's K (or V) rows of `num_seqs` sequences, read through their page tables.
+
+    cache (num_pages * block_size, KVH, hd), contiguous; pages (num_seqs * P,) row-major page
+    ids; ctx = P * block_size. Returns (num_seqs, KVH, ctx, hd), a transposed view of the copy.
+
+    The gather runs on a 2-D (num_pages, block_size * KVH * hd) view: on CPU, fp32
+    `index_select` over the 4-D page view takes a per-element path ~100x slower than the row
+    copy it does in 2-D (measured at SmolLM2's decode shapes; docs/benchmarks.md, "Roofline").
+    """
+    KVH, hd = cache.shape[1], cache.shape[2]
+    rows = cache.view(-1, block_size * KVH * hd).index_select(0, pages)
+    return rows.view(num_seqs, ctx, KVH, hd).transpose(1, 2)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
             softcap: float | None) -> torch.Tensor:
-    """q (b, H, Qm, hd), k/v (b, KVH, C, hd), mask (b, 1, Qm, C) -> (b, H, Qm, hd)."""
+    """q (b, H, Qm, hd), k/v (b, KVH, C, hd), mask (b, 1, Qm, C) -> (b, H, Qm, hd).
+
+    On CPU, bf16/fp16 attention computes in fp32 and casts back: torch's CPU flash kernel is
+    ~5x slower in bf16 than in fp32 at serving shapes (one query per sequence over a short
+    context), and fp32 scores are the more accurate. The casts copy one step's context only.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return _attend(q.float(), k.float(), v.float(), mask, scaling, softcap).to(q.dtype)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
     rep = q.shape[1] // k.shape[1]
@@ -138,13 +160,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k_cache[rows] = k.to(k_cache.dtype)
     v_cache[rows] = v.to(v_cache.dtype)
     T, H, hd = q.shape
-    KVH = k_cache.shape[1]
-    bs = meta.block_size
-    kp, vp = k_cache.view(-1, bs, KVH, hd), v_cache.view(-1, bs, KVH, hd)
     outs = []
     for g in meta.groups:
-        kc = kp.index_select(0, g.pages).view(g.num_seqs, g.ctx, KVH, hd).transpose(1, 2).to(q.dtype)
-        vc = vp.index_select(0, g.pages).view(g.num_seqs, g.ctx, KVH, hd).transpose(1, 2).to(q.dtype)
+        kc = gather_pages(k_cache, g.pages, g.num_seqs, g.ctx, meta.block_size).to(q.dtype)
+        vc = gather_pages(v_cache, g.pages, g.num_seqs, g.ctx, meta.block_size).to(q.dtype)
         qg = q[g.start:g.end]
         if g.seq_of is None:  # decode: one query per sequence
             qp = qg.view(g.num_seqs, 1, H, hd)

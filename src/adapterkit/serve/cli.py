@@ -54,6 +54,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of prompt prefixes already computed under the same adapter (default on)")
+    s.add_argument("--cpu-prepack", action=argparse.BooleanOptionalAction, default=False,
+                   help="prepack the base weights for oneDNN: faster CPU steps, but a second copy of the weights "
+                        "when the model's dtype is the served dtype (default off)")
     s.add_argument("--api-key", default=os.environ.get("ADAPTERKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default $ADAPTERKIT_API_KEY)")
     s.add_argument("--unload-timeout", type=float, default=600.0,
@@ -153,7 +156,7 @@ def engine_config(args: argparse.Namespace) -> Any:
     return EngineConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_queue=args.max_queue,
                         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
-                        enable_prefix_caching=args.enable_prefix_caching, **ft)
+                        enable_prefix_caching=args.enable_prefix_caching, cpu_prepack=args.cpu_prepack, **ft)
 
 
 def state_dir(args: argparse.Namespace) -> Path:

@@ -80,7 +80,8 @@ class Engine:
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         dtype = _DTYPES[cfg.dtype]
         self.hf_model = model  # the served base (co-serving trains its adapters in place)
-        self.runner = make_runner(model, dtype=dtype, device=cfg.device, max_model_len=cfg.max_model_len)
+        self.runner = make_runner(model, dtype=dtype, device=cfg.device, max_model_len=cfg.max_model_len,
+                                  prepack=cfg.cpu_prepack)
         r = self.runner
         num_pages = cfg.num_pages or UnifiedPool.pages_for_bytes(r.num_layers, r.num_kv_heads, r.head_dim,
                                                                  cfg.block_size, dtype, cfg.pool_bytes)

@@ -22,6 +22,7 @@ also applies the head's own extras such as Gemma's final soft-capping).
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from adapterkit.errors import UnsupportedModuleError
+from adapterkit.ops.linear import linear_bias
 from adapterkit.ops.lora import LoraPlan, add_lora, make_plan
 from adapterkit.serve.attention import PagedMeta, build_meta, paged_attention
 from adapterkit.serve.pool import UnifiedPool
@@ -127,6 +129,10 @@ def _attached_root_pieces(model: nn.Module) -> list[str]:
     return [n for n in st.active_names() if n in st.adapters and "" in st.adapters[n].pieces]
 
 
+def _dense_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear_bias(x, mod.weight, mod.bias)
+
+
 class HFModelRunner:
     """Runs the model's own transformers modules over the paged pool; same interface as
     `runner.ModelRunner`.
@@ -165,6 +171,10 @@ class HFModelRunner:
         self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._lora: tuple[LoraWeightsLike, LoraPlan] | None = None
         self._shapes, self._handles = self._hook_linears()
+        # plain nn.Linear modules run through ops.linear's oneDNN path during a step (fp32 CPU
+        # matmuls ~1.5-2x faster than torch's default; same math). Modules whose forward is
+        # already replaced on the instance (accelerate's hooks) are left alone.
+        self._dense = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__]
         _register()
         self._probe(arch)
 
@@ -258,6 +268,8 @@ class HFModelRunner:
         try:
             for c in self._configs.values():
                 c._attn_implementation_internal = ATTN_NAME
+            for m in self._dense:
+                m.forward = functools.partial(_dense_forward, m)
             if was_training:  # e.g. a co-served training step left it so: serve without dropout
                 self.model.eval()
             with torch.inference_mode():
@@ -269,6 +281,8 @@ class HFModelRunner:
         finally:
             for k, c in self._configs.items():
                 c._attn_implementation_internal = saved[k]
+            for m in self._dense:
+                m.__dict__.pop("forward", None)
             if was_training:
                 self.model.train()
             self._lora = None

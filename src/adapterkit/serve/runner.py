@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapterkit.errors import UnsupportedModuleError
+from adapterkit.ops.linear import linear, prepack
 from adapterkit.ops.lora import LoraPlan, add_lora, make_plan
+from adapterkit.serve.attention import build_meta, paged_attention
 from adapterkit.serve.pool import UnifiedPool
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -60,21 +61,6 @@ class LayerWeights:
     w_down: torch.Tensor  # (d, ff)
 
 
-@dataclass
-class _AttnGroup:
-    """Sequences attended together in one step: tokens [start, end) of the flat batch."""
-
-    start: int
-    end: int
-    pages: torch.Tensor  # (b * P,) page ids, row-major
-    num_seqs: int
-    ctx: int  # P * block_size (keys, padded)
-    q_max: int
-    mask: torch.Tensor  # (b, 1, Qm, C) True = attend
-    seq_of: torch.Tensor | None  # (n,) sequence of each token (None: decode, one token each)
-    q_off: torch.Tensor | None  # (n,) offset of each token in its sequence's chunk
-
-
 class LoraWeightsLike:
     """What the runner reads from the adapter slots (implemented by `adapters.LoraSlots`)."""
 
@@ -84,15 +70,18 @@ class LoraWeightsLike:
 
 
 class ModelRunner:
-    """Holds the base weights (fused copies) and runs `forward`."""
+    """Holds the base weights (q/k/v and gate/up stacked; see `_matrix` for when they are the
+    model's own storage) and runs `forward`."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 prepack: bool = False):
         arch = type(model).__name__
         if arch not in SUPPORTED:
             raise UnsupportedModuleError(f"serving supports {', '.join(SUPPORTED)}; got {arch}")
         cfg = model.config
         self.config = cfg
         self.dtype, self.device = dtype, torch.device(device)
+        self.prepack = prepack
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -109,7 +98,7 @@ class ModelRunner:
         t = lambda w: w.detach().to(device=self.device, dtype=dtype)  # noqa: E731
         self.embed = t(base.embed_tokens.weight)  # (V, d)
         self.norm = t(base.norm.weight)
-        self.lm_head = t(model.lm_head.weight)  # (V, d)
+        self.lm_head = self._matrix([model.lm_head])  # (V, d)
         self.layers: list[LayerWeights] = []
         for layer in base.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -118,10 +107,32 @@ class ModelRunner:
             bias = [getattr(at, n).bias for n in ("q_proj", "k_proj", "v_proj")]
             self.layers.append(LayerWeights(
                 ln1=t(layer.input_layernorm.weight),
-                w_qkv=t(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
+                w_qkv=self._matrix([at.q_proj, at.k_proj, at.v_proj]),
                 b_qkv=t(torch.cat(bias)) if all(b is not None for b in bias) else None,
-                w_o=t(at.o_proj.weight), ln2=t(layer.post_attention_layernorm.weight),
-                w_gu=t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), w_down=t(mlp.down_proj.weight)))
+                w_o=self._matrix([at.o_proj]), ln2=t(layer.post_attention_layernorm.weight),
+                w_gu=self._matrix([mlp.gate_proj, mlp.up_proj]), w_down=self._matrix([mlp.down_proj])))
+
+    def _matrix(self, linears: list[nn.Module]) -> torch.Tensor:
+        """The weight `ops.linear.linear` multiplies for these modules: their weights stacked on
+        the output dim (one matmul computes them all).
+
+        Where the model's weights already have the runner's dtype and device, the runner keeps
+        no copy of its own: each module's weight becomes a view of its rows of the stacked
+        tensor (same values, shared storage), so serving holds one copy of the base. Where they
+        do not (e.g. an fp32 model served in bf16), the runner's converted copy is its own and
+        is prepacked for oneDNN (`ops.linear.prepack`, faster and no larger); `prepack=True`
+        prepacks in every case, at the cost of a second copy of those weights.
+        """
+        ws = [lin.weight for lin in linears]
+        same = all(w.dtype == self.dtype and w.device == self.device for w in ws)
+        conv = [w.detach().to(device=self.device, dtype=self.dtype) for w in ws]
+        fused = conv[0] if len(conv) == 1 else torch.cat(conv)
+        if same and len(ws) > 1:
+            o = 0
+            for w in ws:
+                w.data = fused[o:o + w.shape[0]]
+                o += w.shape[0]
+        return prepack(fused, _ROWS_HINT) if self.prepack or not same else fused
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-targetable module (same in every layer)."""
@@ -134,58 +145,6 @@ class ModelRunner:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
-
-    def _groups(self, step: StepInput, bs: int) -> list[_AttnGroup]:
-        """Split the step's sequences into a decode group (q_len 1, a leading run) and a prefill
-        group, each with its own page table (trimmed to its longest context) and key mask, so
-        decodes are not padded to the longest prefill chunk. bs: tokens per KV page."""
-        dev = self.device
-        q_lens, ctx_lens = step.q_lens, step.ctx_lens
-        B = q_lens.shape[0]
-        nd = 0
-        for n in q_lens.tolist():
-            if n != 1:
-                break
-            nd += 1
-        groups = []
-        tok = 0
-        for lo, hi in ((0, nd), (nd, B)):
-            if hi == lo:
-                continue
-            ql, cl = q_lens[lo:hi], ctx_lens[lo:hi]
-            n_tok = int(ql.sum())
-            P = -(-int(cl.max()) // bs)  # pages of the longest context in the group
-            pages = step.ctx_pages[lo:hi, :P]
-            C = P * bs
-            q_max = int(ql.max())
-            # query i of seq b sits at position ctx_len - q_len + i and sees keys j <= that position
-            q_pos = (cl - ql).view(-1, 1) + torch.arange(q_max).view(1, q_max)  # (b, Qm)
-            mask = (torch.arange(C).view(1, 1, C) <= q_pos.unsqueeze(-1)).unsqueeze(1)  # (b, 1, Qm, C)
-            if q_max == 1:
-                g = _AttnGroup(tok, tok + n_tok, pages.to(dev).reshape(-1), hi - lo, C, 1, mask.to(dev), None, None)
-            else:
-                seq_of = torch.repeat_interleave(torch.arange(hi - lo), ql)  # (n,)
-                q_off = torch.arange(n_tok) - (torch.cumsum(ql, 0) - ql)[seq_of]
-                g = _AttnGroup(tok, tok + n_tok, pages.to(dev).reshape(-1), hi - lo, C, q_max, mask.to(dev),
-                               seq_of.to(dev), q_off.to(dev))
-            groups.append(g)
-            tok += n_tok
-        return groups
-
-    def _attend(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, g: _AttnGroup) -> torch.Tensor:
-        """q (n, H, hd) of one group -> (n, nq). k_pages, v_pages: (num_pages, bs, KVH, hd)."""
-        KVH, hd, H = self.num_kv_heads, self.head_dim, self.num_heads
-        kc = k_pages.index_select(0, g.pages).view(g.num_seqs, g.ctx, KVH, hd).transpose(1, 2)  # (b, KVH, C, hd)
-        vc = v_pages.index_select(0, g.pages).view(g.num_seqs, g.ctx, KVH, hd).transpose(1, 2)
-        if g.seq_of is None:  # decode: one query per sequence, no padding
-            qp = q.view(g.num_seqs, 1, H, hd)
-        else:
-            qp = q.new_zeros(g.num_seqs, g.q_max, H, hd)
-            qp[g.seq_of, g.q_off] = q
-        att = F.scaled_dot_product_attention(qp.transpose(1, 2), kc, vc, attn_mask=g.mask, scale=self.scaling,
-                                             enable_gqa=True).transpose(1, 2)  # (b, Qm, H, hd)
-        att = att.reshape(-1, H, hd) if g.seq_of is None else att[g.seq_of, g.q_off]
-        return att.reshape(-1, self.nq)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, pool: UnifiedPool, lora: LoraWeightsLike | None = None) -> torch.Tensor:
@@ -202,14 +161,12 @@ class ModelRunner:
         # rope for every token at its own position; HF's module takes (x, position_ids (1, T))
         cos, sin = self.rotary(torch.empty(1, dtype=self.dtype, device=dev), step.positions.to(dev).view(1, T))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, hd)
-        groups = self._groups(step, pool.block_size)
-        cache_rows = step.cache_rows.to(dev)
-        num_pages, bs = pool.num_pages, pool.block_size
+        meta = build_meta(step.q_lens, step.ctx_lens, step.ctx_pages, step.cache_rows, pool.block_size, device=dev)
 
         x = self.embed[ids]  # (T, d)
         for li, lw in enumerate(self.layers):
             h = self._rms(x, lw.ln1)
-            qkv = h @ lw.w_qkv.T  # (T, nq + 2 nkv)
+            qkv = linear(h, lw.w_qkv)  # (T, nq + 2 nkv)
             if lw.b_qkv is not None:
                 qkv += lw.b_qkv
             if plan is not None:
@@ -221,31 +178,26 @@ class ModelRunner:
             qk = qk * cos + _rotate_half(qk) * sin  # q and k heads rotated together
             q, k = qk.split([H, KVH], dim=1)
             k_cache, v_cache = pool.layer_kv(li)  # (rows, KVH, hd)
-            k_cache[cache_rows] = k.to(k_cache.dtype)
-            v_cache[cache_rows] = qkv[:, nq + nkv:].view(T, KVH, hd).to(v_cache.dtype)
-            k_pages, v_pages = k_cache.view(num_pages, bs, KVH, hd), v_cache.view(num_pages, bs, KVH, hd)
-            if len(groups) == 1:
-                att = self._attend(q, k_pages, v_pages, groups[0])
-            else:
-                att = torch.cat([self._attend(q[g.start:g.end], k_pages, v_pages, g) for g in groups])  # (T, nq)
-            a = att @ lw.w_o.T  # (T, d)
+            att = paged_attention(q, k, qkv[:, nq + nkv:].view(T, KVH, hd), k_cache, v_cache, meta,
+                                  self.scaling).reshape(T, nq)
+            a = linear(att, lw.w_o)  # (T, d)
             if plan is not None:
                 self._lora(a, att, lora, li, "o_proj", plan)
             x = x + a
 
             h = self._rms(x, lw.ln2)
-            gu = h @ lw.w_gu.T  # (T, 2 ff)
+            gu = linear(h, lw.w_gu)  # (T, 2 ff)
             if plan is not None:
                 self._lora(gu[:, :self.ff], h, lora, li, "gate_proj", plan)
                 self._lora(gu[:, self.ff:], h, lora, li, "up_proj", plan)
             m = self.act(gu[:, :self.ff]) * gu[:, self.ff:]  # (T, ff)
-            dn = m @ lw.w_down.T
+            dn = linear(m, lw.w_down)
             if plan is not None:
                 self._lora(dn, m, lora, li, "down_proj", plan)
             x = x + dn
 
         x = self._rms(x[step.sample_rows.to(dev)], self.norm)  # (N, d)
-        return (x @ self.lm_head.T).float()  # (N, V)
+        return linear(x, self.lm_head).float()  # (N, V)
 
     @staticmethod
     def _lora(y: torch.Tensor, x: torch.Tensor, lora: LoraWeightsLike, layer: int, name: str,
@@ -254,6 +206,9 @@ class ModelRunner:
         if w is not None:
             add_lora(y, x, w[0], w[1], None, plan)  # B is pre-scaled (LoraSlots)
 
+
+#: rows of x oneDNN's prepacked layout is tuned for (a decode batch; any count works)
+_ROWS_HINT = 48
 
 #: use the fused `ModelRunner` for plain Llama / Mistral / Qwen2 (see `make_runner`); a switch
 #: so tests and benchmarks can compare the two paths
@@ -277,7 +232,7 @@ def _fused_ok(model: nn.Module, max_model_len: int | None) -> bool:
 
 
 def make_runner(model: nn.Module, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                max_model_len: int | None = None) -> ModelRunner:
+                max_model_len: int | None = None, prepack: bool = False) -> ModelRunner:
     """The runner the engine uses for `model` (one place decides, so new runners plug in here).
 
     Every decoder-only causal LM runs through `hf_runner.HFModelRunner` (the model's own
@@ -289,12 +244,14 @@ def make_runner(model: nn.Module, dtype: torch.dtype = torch.float32, device: st
         model: a transformers causal LM.
         dtype, device: what the runner computes in.
         max_model_len: the longest sequence the engine admits (None: unknown).
+        prepack: the fused runner prepacks every base matrix for oneDNN, also where that makes a
+            second copy (`ModelRunner._matrix`).
 
     Raises:
         UnsupportedModuleError: no runner can serve this model (names the architecture).
     """
     if FUSED_FAST_PATH and _fused_ok(model, max_model_len):
-        return ModelRunner(model, dtype=dtype, device=device)
+        return ModelRunner(model, dtype=dtype, device=device, prepack=prepack)
     from adapterkit.serve.hf_runner import HFModelRunner
 
     return HFModelRunner(model, dtype=dtype, device=device)  # type: ignore[return-value]

@@ -66,6 +66,10 @@ class EngineConfig:
     # Automatic prefix caching (vLLM's APC, `serve/kv.py`): full prompt blocks computed once are
     # reused by later requests with the same leading tokens under the same adapter registration.
     enable_prefix_caching: bool = True
+    # Prepack every base matrix in oneDNN's layout (`ops.linear.prepack`): ~10-15% faster fp32
+    # steps on CPU, but a second copy of those weights where the model's own dtype already
+    # matches (else the runner's converted copy is prepacked anyway, at no extra memory).
+    cpu_prepack: bool = False
     # Co-serving (adapterkit.serve.coserve): fine-tuning jobs trained inside the engine loop.
     fine_tuning: bool = False  # accept jobs (engine.fine_tuning is a CoServe)
     fine_tuning_dir: str | None = None  # (or a Path) job dirs (checkpoints, final adapters); required with fine_tuning
@@ -90,6 +94,7 @@ class EngineConfig:
                f"must be float32, bfloat16 or float16, got {self.dtype!r}")
         _check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                f"must be true or false, got {self.enable_prefix_caching!r}")
+        _check(isinstance(self.cpu_prepack, bool), "cpu_prepack", f"must be true or false, got {self.cpu_prepack!r}")
         _check(isinstance(self.fine_tuning, bool), "fine_tuning", f"must be true or false, got {self.fine_tuning!r}")
         _check(not self.fine_tuning or (self.fine_tuning_dir is not None and str(self.fine_tuning_dir) != ""),
                "fine_tuning_dir", f"must name a directory when fine_tuning is on, got {self.fine_tuning_dir!r}")
