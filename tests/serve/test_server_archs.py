@@ -80,11 +80,14 @@ async def complete(client: openai.AsyncOpenAI, model: str, prompt: list[int], st
         return token_ids(r.choices[0])
     ids: list[int] = []
     finish = None
+    events = 0
     async for ch in await client.completions.create(**kw, stream=True):
         if ch.choices:
             ids += token_ids(ch.choices[0]) if ch.choices[0].logprobs else []
+            events += bool(ch.choices[0].logprobs and ch.choices[0].logprobs.tokens)
             finish = ch.choices[0].finish_reason or finish
     assert finish == "length"
+    assert events == NEW  # incremental without a tokenizer too: one event per token, not all at the end
     return ids
 
 

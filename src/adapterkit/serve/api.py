@@ -521,7 +521,9 @@ class ChoiceShaper:
             self.entries += c.logprobs or ()
 
     def pending(self) -> bool:
-        return bool(self.text)
+        """Something to send: text, or (an engine without a tokenizer, whose text is always empty)
+        the log-probs of new tokens, so a token-id stream is incremental too."""
+        return bool(self.text) or (self.fmt is not None and self.fmt.tok is None and bool(self.entries))
 
     def take(self) -> tuple[str, dict[str, Any] | None]:
         """The text and log-probs gathered since the last call."""
