@@ -139,7 +139,7 @@ def adapterkit_cmd(a: argparse.Namespace, model_dir: Path, root: Path, port: int
     return [sys.executable, "-m", "adapterkit.cli", "serve", "--model", str(model_dir), "--served-model-name", "base",
             "--adapter-root", str(root), "--max-loras", str(a.max_loras), "--max-lora-rank", "32",
             "--max-num-seqs", "64", "--max-model-len", "2048", "--dtype", a.dtype, "--port", str(port),
-            "--log-level", "warning"]
+            "--pool-gib", a.vllm_kv_gib, "--log-level", "warning"]  # the same memory as vLLM's KV cache
 
 
 def vllm_cmd(a: argparse.Namespace, model_dir: Path, root: Path, port: int) -> list[str]:
@@ -276,7 +276,7 @@ def main() -> None:
     ap.add_argument("--vllm-url", help="a running vLLM server (else one is started)")
     ap.add_argument("--adapterkit-url", help="a running adapterkit server (else one is started)")
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
-    ap.add_argument("--vllm-kv-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE for the vLLM it starts")
+    ap.add_argument("--vllm-kv-gib", default="2", help="GiB of KV memory: VLLM_CPU_KVCACHE_SPACE for the vLLM it starts, --pool-gib for adapterkit")
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--max-loras", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=48)
@@ -287,6 +287,8 @@ def main() -> None:
     ap.add_argument("--zipf", type=float, default=1.0, help="power-law exponent of adapter popularity")
     ap.add_argument("--rounds", type=int, default=1, help="each case run this many times per server, alternating")
     ap.add_argument("--only", nargs="*", default=None, help="cases to run (default all)")
+    ap.add_argument("--pause", type=float, default=3.0,
+                    help="seconds of quiet before each measured run (the previous server's work has drained)")
     ap.add_argument("--eq-adapters", type=int, default=3)
     ap.add_argument("--eq-prompts", type=int, default=16)
     ap.add_argument("--no-equality", action="store_true")
@@ -336,6 +338,7 @@ def main() -> None:
                 if a.only and c not in a.only:
                     continue
                 for k in order:  # alternate which server goes first, so both see the same drift
+                    time.sleep(a.pause)
                     s, res = asyncio.run(run_case(urls[k], reqs))
                     results[c][k].append(s)
                     bad = next((r.error for r in res if r.error), None)

@@ -118,6 +118,12 @@ def test_parse_adapter_specs_and_cli() -> None:
     assert a.fn is run_serve
     cfg = engine_config(a)
     assert (cfg.max_loras, cfg.max_lora_rank, cfg.max_queue) == (3, 16, 5)
+    assert cfg.pool_bytes == 2**30 and not cfg.cpu_prepack  # --pool-gib 1 and no prepack by default
+    b = p.parse_args(["serve", "--pool-gib", "0.5", "--cpu-prepack"])
+    assert engine_config(b).pool_bytes == 2**29 and engine_config(b).cpu_prepack
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="--pool-gib"):
+            engine_config(p.parse_args(["serve", "--pool-gib", bad]))
 
 
 def test_schemas() -> None:

@@ -47,6 +47,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     s.add_argument("--max-cpu-loras", type=int, default=None, help="adapters cached in host memory (default all)")
+    s.add_argument("--pool-gib", type=float, default=1.0,
+                   help="GiB of the unified pool that holds the KV cache pages and the adapters in device slots "
+                        "(as vLLM's VLLM_CPU_KVCACHE_SPACE; default 1). Requests wait when it is full")
     s.add_argument("--max-queue", type=int, default=4096, help="waiting requests before 429")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     s.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence")
@@ -144,6 +147,13 @@ def discover_adapters(roots: Sequence[str | os.PathLike[str]]) -> dict[str, Path
     return found
 
 
+def pool_bytes(gib: float) -> int:
+    """--pool-gib as bytes (ConfigError names the flag when it is not a positive size)."""
+    if not isinstance(gib, (int, float)) or not gib > 0 or gib != gib or gib == float("inf"):
+        raise ConfigError(f"--pool-gib: must be a positive number of GiB, got {gib!r}")
+    return max(1, int(gib * 2**30))
+
+
 def engine_config(args: argparse.Namespace) -> Any:
     """The `EngineConfig` for parsed ``serve`` arguments (ConfigError names a bad field)."""
     from adapterkit.serve.types import EngineConfig
@@ -155,6 +165,7 @@ def engine_config(args: argparse.Namespace) -> Any:
               "ft_time_share": args.ft_time_share}
     return EngineConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_queue=args.max_queue,
                         max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
+                        pool_bytes=pool_bytes(args.pool_gib),
                         max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
                         enable_prefix_caching=args.enable_prefix_caching, cpu_prepack=args.cpu_prepack, **ft)
 
