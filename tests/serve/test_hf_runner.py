@@ -111,10 +111,9 @@ def test_engine_matches_hf_generate_and_peft(arch, tmp_path):
         assert o.token_ids == hf_greedy(ref, p, 6), (arch, n, p)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
-def test_adapter_attached_in_python_serves_as_it_computes(init, monkeypatch):
-    """An adapterkit LoRA attached before Engine(...) runs inside the model's forward: PiSSA/OLoRA's
-    rewritten (residual) base and the adapter on top together give HF generate's tokens."""
+def attached_lora_model(init: str):
+    """A tiny Llama with an active adapterkit LoRA "mine" (q, v, down) of init `init` attached in
+    Python, its weights moved away from their initialisation (as if trained)."""
     import adapterkit as ak
     from adapterkit.methods.lora import LoRAConfig
 
@@ -123,10 +122,20 @@ def test_adapter_attached_in_python_serves_as_it_computes(init, monkeypatch):
     _with_random_weights(m, "llama")
     ak.add_adapter(m, "mine", LoRAConfig(r=4, alpha=8, init=init, targets=("q_proj", "v_proj", "down_proj")))
     ak.set_adapter(m, "mine")
-    with torch.no_grad():  # a trained-looking adapter, away from its initialisation
+    with torch.no_grad():
         for n, p in m.named_parameters():
             if ".mine." in n:
                 p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
+def test_adapter_attached_in_python_serves_as_it_computes(init, monkeypatch):
+    """An adapterkit LoRA attached before Engine(...) runs inside the model's forward: PiSSA/OLoRA's
+    rewritten (residual) base and the adapter on top together give HF generate's tokens."""
+    import adapterkit as ak
+
+    m = attached_lora_model(init)
     prompts = [[1, 5, 9, 2, 7, 12, 30, 4], [3, 17, 45, 3, 99, 8, 21]]
     want = [hf_greedy(m, p, 6) for p in prompts]
     with ak.disable_adapters(m):

@@ -32,7 +32,7 @@ pytest.importorskip("uvicorn")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from test_hf_runner import ARCHS, _build, _with_random_weights  # noqa: E402
+from test_hf_runner import ARCHS, _build, _with_random_weights, attached_lora_model  # noqa: E402
 from test_server_utils import API_KEY, ServerThread  # noqa: E402
 
 from adapterkit.serve.engine import Engine  # noqa: E402
@@ -151,17 +151,8 @@ def test_adapter_attached_in_python_serves_as_the_library_computes(init: str) ->
     """An adapterkit LoRA attached (and active) before ``Engine(...)``: the served base model is the
     model with its adapter, token for token what the library's forward gives under HF generate."""
     import adapterkit as ak
-    from adapterkit.methods.lora import LoRAConfig
 
-    torch.manual_seed(1)
-    m, _, _ = _build("llama")
-    _with_random_weights(m, "llama")
-    ak.add_adapter(m, "mine", LoRAConfig(r=4, alpha=8, init=init, targets=("q_proj", "v_proj", "down_proj")))
-    ak.set_adapter(m, "mine")
-    with torch.no_grad():  # a trained-looking adapter, away from its initialisation
-        for n, p in m.named_parameters():
-            if ".mine." in n:
-                p.add_(torch.randn_like(p) * 0.2)
+    m = attached_lora_model(init)
     want = [hf_greedy(m, p, NEW) for p in PROMPTS]
     with ak.disable_adapters(m):
         without = [hf_greedy(m, p, NEW) for p in PROMPTS]
