@@ -1,19 +1,18 @@
 """Dense `x @ W.T` for the serving forward, through oneDNN on CPU. Imports only torch.
 
-On this project's CPUs (AMD EPYC with AVX-512) torch's default CPU matmul goes to MKL, which
-does not use AVX-512 there: at serving shapes (48 decode rows x SmolLM2 widths) it reaches
-~185 GFLOP/s in fp32 on 2 cores, where oneDNN (torch's `mkldnn` ops, the ones
-`torch.compile`'s CPU backend emits) reaches ~270 with the plain weight and ~330 with the
-weight prepacked into oneDNN's blocked layout; ~2.2x on a 768-row prefill. bf16 matmuls
-already go through oneDNN; prepacking still helps them (~490 -> ~600 GFLOP/s). Figures: `benchmarks/roofline.py`,
-docs/benchmarks.md ("Roofline").
+On this project's CPUs (AMD EPYC with AVX-512), torch's default fp32 CPU matmul goes to MKL,
+which does not use AVX-512 there. At serving shapes (48 decode rows x SmolLM2 widths, 2 cores)
+it reaches ~185 GFLOP/s. oneDNN (torch's `mkldnn` ops, the ones `torch.compile`'s CPU backend
+emits) reaches ~270 with the plain weight, ~330 with the weight prepacked into oneDNN's blocked
+layout, and ~2.2x MKL on a 768-row prefill. bf16 matmuls already go through oneDNN; prepacking
+still helps them (~490 -> ~600 GFLOP/s). Figures: docs/benchmarks.md ("Roofline").
 
     w = prepack(weight, rows_hint=48)   # or keep `weight` (shares the model's storage)
     y = linear(x, w)                    # == linear_ref(x, weight) to fp32 rounding
 
-`prepack` returns a tensor only `linear` can read (oneDNN layout), so a prepacked weight is a
-second copy of that weight: `serve.runner.ModelRunner` prepacks only when asked
-(`EngineConfig.cpu_prepack`).
+`prepack` returns a tensor only `linear` can read (oneDNN layout), a copy of the weight:
+`serve.runner.ModelRunner` prepacks the copies it owns anyway (a model served in another
+dtype) and, with `EngineConfig.cpu_prepack`, also weights it would otherwise share with the model.
 """
 from __future__ import annotations
 
